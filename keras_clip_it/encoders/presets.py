@@ -89,8 +89,47 @@ def _load_directory(kind, directory, **kwargs):
     return _call(converters[model_type], directory, **kwargs)
 
 
+def _known_remote(preset):
+    """Whether keras-hub would download `preset`: a URI, or one of its built-in preset names."""
+    if "://" in preset:
+        return True
+    import keras_hub
+    from keras_hub.src.utils.preset_utils import builtin_presets
+
+    return preset in builtin_presets(keras_hub.models.Backbone)
+
+
+def _remote_host(preset):
+    """The host a keras-hub load of `preset` downloads from, or None when nothing needs downloading."""
+    if preset.startswith("hf://"):
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        return None if os.environ.get("HF_HUB_OFFLINE") == "1" else endpoint.split("://")[-1].split("/")[0]
+    if preset.startswith("kaggle://") or "://" not in preset:
+        return None if os.path.isdir(preset) else "www.kaggle.com"
+    return None
+
+
+def _reachable(host, timeout=3.0):
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_keras_hub(kind, preset, **kwargs):
     import keras_hub
+
+    host = _remote_host(preset)
+    if host is not None and _known_remote(preset) and not _reachable(host):
+        offline = ", ".join(names(kind)) or "none"
+        raise ConnectionError(
+            f"cannot reach {host} to download the {kind} preset {preset!r}: you seem to be offline. "
+            f"Offline presets: {offline}; or pass a local directory"
+            + (" (or set HF_HUB_OFFLINE=1 to use your Hugging Face cache)" if preset.startswith("hf://") else "")
+        )
 
     from keras_clip_it.encoders.image_encoder import ImageEncoder
     from keras_clip_it.encoders.text_encoder import TextEncoder
@@ -102,7 +141,7 @@ def _load_keras_hub(kind, preset, **kwargs):
             return ImageEncoder.from_image_converter(backbone, converter, **kwargs)
         preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset)
         return TextEncoder(backbone=backbone, preprocessor=preprocessor, **kwargs)
-    except (OSError, ValueError, ConnectionError) as error:
+    except (OSError, ValueError) as error:
         offline = ", ".join(names(kind)) or "none"
         raise ValueError(
             f"could not load the {kind} preset {preset!r}: {error}. It is neither an embedded preset "
