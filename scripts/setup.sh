@@ -20,7 +20,11 @@ apt_install() {
 # Fashion-MNIST for kci.datasets.fashion_mnist; the emoji font only to redraw the shipped emoji images.
 apt_install dataset-fashion-mnist fonts-noto-color-emoji
 
-pip_install() { python -m pip install -q "$@" 2>&1 | grep -v -E "^WARNING: Running pip as the 'root' user" || true; }
+pip_install() {
+  local log
+  if ! log=$(python -m pip install -q "$@" 2>&1); then echo "$log" >&2; return 1; fi
+  echo "$log" | grep -v -E "^WARNING: (Running pip as the 'root' user|Location .* is ignored)" || true
+}
 
 extras="demo,serve"
 if [ "$mode" = "test" ]; then
