@@ -10,3 +10,4 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 from keras_clip_it.version import __version__  # noqa: E402
 from keras_clip_it.encoders import ImageEncoder  # noqa: E402
 from keras_clip_it.encoders import TextEncoder  # noqa: E402
+from keras_clip_it.tasks import metrics  # noqa: E402
