@@ -8,7 +8,7 @@ from keras_clip_it.encoders import presets
 from keras_clip_it.encoders.base import EncoderMixin
 from keras_clip_it.encoders.base import l2_normalize
 
-POOLINGS = ("mean", "cls", "pooled")
+POOLINGS = ("mean", "cls", "last", "pooled")
 # Token lengths a batch is cut to: a handful of static shapes instead of always the full sequence length.
 MIN_BUCKET = 16
 
@@ -28,7 +28,8 @@ class TextEncoder(EncoderMixin, keras.Model):
         preprocessor: a keras layer mapping a batch of strings to a dict with at least "token_ids" and
             "padding_mask" padded to its `sequence_length` (a keras-hub preprocessor or tokenizer+packer).
         pooling: "mean" averages the non-padding tokens (sentence-transformers), "cls" takes the first
-            token, "pooled" the backbone's own "pooled_output".
+            token, "last" the last non-padding token (CLIP's end-of-text token), "pooled" the
+            backbone's own "pooled_output".
         prefix: text put before every input, such as e5's "query: ".
 
     Example:
@@ -51,9 +52,8 @@ class TextEncoder(EncoderMixin, keras.Model):
         self.prefix = prefix
 
         # === Build ===
-        names = self._input_names()
-        symbolic = {name: keras.KerasTensor((None, None), dtype="int32") for name in names}
-        self._embedding_dim = int(self._pool(self.backbone(symbolic), symbolic).shape[-1])
+        symbolic = {name: keras.KerasTensor((None, None), dtype="int32") for name in self._input_names()}
+        self._embedding_dim = int(self.call(symbolic).shape[-1])
         self.built = True
 
     @property
@@ -66,11 +66,13 @@ class TextEncoder(EncoderMixin, keras.Model):
         """The longest token sequence the preprocessor produces."""
         return self.preprocessor.sequence_length
 
-    def _input_names(self):
+    def _backbone_input_names(self):
         inputs = getattr(self.backbone, "input", None)
-        if isinstance(inputs, dict):
-            return sorted(inputs)
-        return ["padding_mask", "token_ids"]
+        return sorted(inputs) if isinstance(inputs, dict) else ["padding_mask", "token_ids"]
+
+    def _input_names(self):
+        # Pooling needs the padding mask even when the backbone does not (CLIP's causal text tower).
+        return sorted(set(self._backbone_input_names()) | {"padding_mask"})
 
     def _pool(self, outputs, inputs):
         if isinstance(outputs, dict):
@@ -81,12 +83,16 @@ class TextEncoder(EncoderMixin, keras.Model):
             raise ValueError("pooling='pooled' needs a backbone that returns a 'pooled_output'")
         if self.pooling == "cls":
             return outputs[:, 0]
+        if self.pooling == "last":
+            last = ops.sum(ops.cast(inputs["padding_mask"], "int32"), axis=1, keepdims=True) - 1
+            return ops.take_along_axis(outputs, ops.maximum(last, 0)[:, :, None], axis=1)[:, 0]
         mask = ops.cast(inputs["padding_mask"], outputs.dtype)[..., None]
         total = ops.sum(outputs * mask, axis=1)
         return total / ops.maximum(ops.sum(mask, axis=1), ops.cast(1e-9, outputs.dtype))
 
     def call(self, inputs, training=False):
-        return self._pool(self.backbone(inputs, training=training), inputs)
+        backbone_inputs = {name: inputs[name] for name in self._backbone_input_names()}
+        return self._pool(self.backbone(backbone_inputs, training=training), inputs)
 
     def tokenize(self, texts):
         """Tokenises strings into the backbone's inputs, a dict of int32 numpy arrays (N, sequence_length)."""
