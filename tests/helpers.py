@@ -19,6 +19,7 @@ def assert_keras_roundtrip(model, run, tmp_path, atol=1e-6):
         The reloaded model.
     """
     expected = run(model)
+    os.makedirs(str(tmp_path), exist_ok=True)
     path = os.path.join(str(tmp_path), "model.keras")
     model.save(path)
     reloaded = keras.saving.load_model(path, safe_mode=True)

@@ -29,7 +29,10 @@ PRESETS = {
 
 # Local Hugging Face directories: config.json "model_type" -> "module:function" taking (directory, **kwargs).
 HF_CONVERTERS = {
-    "image": {},
+    "image": {
+        "clip_vision_model": "keras_clip_it.encoders.hf_clip:load_clip_vision_model",
+        "clip": "keras_clip_it.encoders.hf_clip:load_clip_vision_model",
+    },
     "text": {},
 }
 
