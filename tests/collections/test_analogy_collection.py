@@ -1,0 +1,138 @@
+import numpy as np
+import pytest
+
+from keras_clip_it.collections import AnalogyCollection
+
+
+def _pairs(n, start=0, dim=4, seed=0):
+    rng = np.random.default_rng(seed + start)
+    ids = [f"p{i}" for i in range(start, start + n)]
+    captions = [f"caption {i}" for i in range(start, start + n)]
+    embeddings = {
+        "image": {"img": rng.standard_normal((n, dim)).astype("float32")},
+        "text": {"txt": rng.standard_normal((n, dim + 1)).astype("float32")},
+    }
+    return ids, captions, embeddings
+
+
+def _filled(n=10):
+    col = AnalogyCollection(name="test", language="it")
+    ids, captions, embeddings = _pairs(n)
+    col.add(ids, captions=captions, embeddings=embeddings, metadata=[{"i": i} for i in range(n)])
+    return col, embeddings
+
+
+def _state(col):
+    """Rows as a dict id -> (caption, metadata, image row, text row): independent of row order."""
+    image, text = col.embeddings("image", "img"), col.embeddings("text", "txt")
+    return {
+        i: (c, m, tuple(image[r]), tuple(text[r]))
+        for r, (i, c, m) in enumerate(zip(col.ids, col.captions, col.metadata))
+    }
+
+
+def test_add_aligns_rows_and_bumps_version():
+    col, embeddings = _filled(5)
+    assert len(col) == 5 and col.version == 1
+    assert col.ids == [f"p{i}" for i in range(5)]
+    np.testing.assert_array_equal(col.embeddings("image", "img"), embeddings["image"]["img"])
+    assert col.fingerprints == {"image": ["img"], "text": ["txt"]}
+    ids, captions, more = _pairs(3, start=5)
+    col.add(ids, captions=captions, embeddings=more)
+    assert col.version == 2 and len(col) == 8
+    np.testing.assert_array_equal(col.embeddings("text", "txt")[5:], more["text"]["txt"])
+    np.testing.assert_array_equal(col.rows(["p6", "p0"]), [6, 0])
+
+
+def test_duplicate_and_unknown_ids_are_named():
+    col, _ = _filled(3)
+    ids, captions, embeddings = _pairs(2, start=2)
+    with pytest.raises(ValueError, match="'p2'"):
+        col.add(ids, captions=captions, embeddings=embeddings)
+    with pytest.raises(ValueError, match="'x'"):
+        col.add(["x", "x"], embeddings=_pairs(2, start=50)[2])
+    with pytest.raises(KeyError, match="'nope'"):
+        col.remove(["p0", "nope"])
+    assert len(col) == 3 and col.version == 1
+
+
+def test_missing_fingerprint_error_names_encoders():
+    col, _ = _filled(3)
+    with pytest.raises(KeyError, match=r"embedded with image encoders \['img'\], this model uses other"):
+        col.embeddings("image", "other")
+    with pytest.raises(ValueError, match="pass them for the new pairs"):
+        col.add(["new"], embeddings={"image": {"img": np.zeros((1, 4))}})
+    with pytest.raises(ValueError, match="rows for 1 ids"):
+        col.add(["new"], embeddings={"image": {"img": np.zeros((2, 4))}, "text": {"txt": np.zeros((1, 5))}})
+
+
+def test_remove_then_add_equals_building_from_scratch():
+    col, _ = _filled(10)
+    removed = ["p1", "p8", "p9", "p4"]
+    col.remove(removed)
+    assert len(col) == 6 and col.version == 2
+    ids, captions, embeddings = _pairs(10)
+    keep = [i for i, name in enumerate(ids) if name not in removed]
+    fresh = AnalogyCollection()
+    fresh.add(
+        [ids[i] for i in keep],
+        captions=[captions[i] for i in keep],
+        metadata=[{"i": i} for i in keep],
+        embeddings={k: {f: a[keep] for f, a in v.items()} for k, v in embeddings.items()},
+    )
+    assert _state(col) == _state(fresh)
+    # The ids -> rows map follows the moves.
+    for row, name in enumerate(col.ids):
+        assert col.rows([name])[0] == row
+    # Adding the removed pairs back restores the original content.
+    col.add(removed, captions=[f"caption {n[1:]}" for n in removed], metadata=[{"i": int(n[1:])} for n in removed],
+            embeddings={k: {f: a[[int(n[1:]) for n in removed]] for f, a in v.items()} for k, v in embeddings.items()})
+    assert _state(col) == _state(_filled(10)[0])
+
+
+def test_row_order_after_remove_is_documented_swap():
+    col, _ = _filled(6)
+    col.remove(["p1"])
+    assert col.ids == ["p0", "p5", "p2", "p3", "p4"]
+    col.remove(["p3", "p4"])
+    assert col.ids == ["p0", "p5", "p2"]
+
+
+def test_embeddings_view_is_read_only():
+    col, _ = _filled(3)
+    view = col.embeddings("image", "img")
+    with pytest.raises(ValueError):
+        view[0, 0] = 1.0
+
+
+def test_set_embeddings_and_embed_with_fake_encoders():
+    class FakeText:
+        fingerprint = "fake-text"
+
+        def embed(self, texts):
+            return np.array([[len(t), 1.0] for t in texts], np.float32)
+
+    col = AnalogyCollection()
+    col.add(["a", "b"], captions=["uno", "quattro"])
+    col.embed(text_encoder=FakeText())
+    np.testing.assert_array_equal(col.embeddings("text", "fake-text"), [[3, 1], [7, 1]])
+    with pytest.raises(ValueError, match="image_refs"):
+        col.embed(image_encoder=type("FakeImage", (), {"fingerprint": "fi", "embed": None})())
+    with pytest.raises(ValueError, match="3 rows"):
+        col.set_embeddings("image", "fi", np.zeros((3, 2)))
+
+
+def test_small_changes_to_a_large_collection():
+    n, dim = 200_000, 8
+    rng = np.random.default_rng(0)
+    col = AnalogyCollection()
+    col.add([f"a{i}" for i in range(n)], embeddings={"image": {"f": rng.standard_normal((n, dim))}})
+    ids = [f"b{i}" for i in range(10_000)]
+    col.add(ids, embeddings={"image": {"f": np.zeros((10_000, dim))}})
+    col.remove(ids)
+    col.remove([f"a{i}" for i in range(0, n, 20)])
+    assert len(col) == n - n // 20 and col.version == 4
+    kept = [int(i[1:]) for i in col.ids]
+    assert sorted(kept) == [i for i in range(n) if i % 20]
+    original = rng.__class__(np.random.PCG64(0)).standard_normal((n, dim)).astype("float32")
+    np.testing.assert_array_equal(col.embeddings("image", "f"), original[kept])
