@@ -11,3 +11,10 @@ from keras_clip_it.version import __version__  # noqa: E402
 from keras_clip_it.encoders import ImageEncoder  # noqa: E402
 from keras_clip_it.encoders import TextEncoder  # noqa: E402
 from keras_clip_it.tasks import metrics  # noqa: E402
+from keras_clip_it import collections  # noqa: E402
+from keras_clip_it.collections.hookspecs import hookimpl  # noqa: E402
+from keras_clip_it.tasks.localization import localize  # noqa: E402
+from keras_clip_it.tasks.retrieval import retrieve  # noqa: E402
+from keras_clip_it.tasks import plot  # noqa: E402
+from keras_clip_it import callbacks, data, losses  # noqa: E402
+from keras_clip_it.models.dual_encoder import DualEncoder  # noqa: E402

@@ -1,0 +1,439 @@
+"""CLIP-style dual encoders: two towers, linear projections into one space, trained with `model.fit`."""
+
+import json
+import math
+import os
+from contextlib import nullcontext
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_clip_it.encoders.base import padded_batch_size
+from keras_clip_it.losses import ContrastiveLoss
+from keras_clip_it.losses import SigmoidLoss
+
+TOWERS = ("image", "text")
+# Never decayed: shrinking the temperature or the sigmoid bias towards 0 is not regularisation.
+NO_WEIGHT_DECAY = ["logit_scale", "logit_bias"]
+
+
+class _MaxValue(keras.constraints.Constraint):
+    """Keeps a scalar at or below `limit` after each optimizer step (open_clip's logit-scale clamp).
+
+    Clamping the variable, not its use in the forward pass, keeps the gradient alive at the limit, so
+    the temperature can move back down.
+    """
+
+    def __init__(self, limit):
+        self.limit = float(limit)
+
+    def __call__(self, value):
+        return ops.minimum(value, ops.cast(self.limit, value.dtype))
+
+    def get_config(self):
+        return {"limit": self.limit}
+
+
+def layer_groups(model):
+    """The weight-bearing parts of a backbone from input to output: what `unlocked_groups` counts.
+
+    A part is a top-level layer of the backbone with weights; a layer that only holds a run of repeated
+    blocks (keras-hub's `ViTEncoder`) is opened up, so that for ViT and BERT alike the groups are the
+    embeddings, each transformer block in order, then the final norm or pooler, as in open_clip.
+    """
+    children = getattr(model, "layers", None)
+    if children is None:
+        children = list(model._flatten_layers(include_self=False, recursive=False))
+    groups = []
+    for layer in children:
+        if not layer.weights:
+            continue
+        inner = [child for child in layer._flatten_layers(include_self=False, recursive=False) if child.weights]
+        # Blocks are composite layers of one type repeated; repeated plain layers (the dense layers of
+        # one transformer block) do not make a container.
+        blocks = [type(child) for child in inner if any(c.weights for c in child._flatten_layers(include_self=False))]
+        holds_only_children = sum(len(child.weights) for child in inner) == len(layer.weights)
+        if holds_only_children and len(set(blocks)) < len(blocks):
+            groups.extend(inner)
+        else:
+            groups.append(layer)
+    return groups
+
+
+@keras.saving.register_keras_serializable(package="keras_clip_it")
+class DualEncoder(keras.Model):
+    """An image tower and a text tower projected into one space, trained contrastively with `fit`.
+
+    This is CLIP's architecture (and LiT's, with a locked image tower): each tower's pooled features go
+    through a linear projection without bias and are L2-normalised; similarities are scaled by a
+    temperature that is either learned (initialised at 1/0.07, kept at or below 100, as open_clip) or
+    fixed (CLIP-Italian used 20). The model takes `{"images": uint8 pixels, "texts": token dict}`, the
+    batches `kci.data.pairs` yields, and returns `{"image_embeddings", "text_embeddings"}`; either key
+    alone also works. `compile()` defaults to `ContrastiveLoss` and AdamW, so `fit(pairs)` needs no labels,
+    and each step runs one forward pass.
+
+    Args:
+        image_encoder: a `kci.ImageEncoder`.
+        text_encoder: a `kci.TextEncoder`.
+        projection_dim: size of the shared embedding space.
+        logit_scale: initial temperature multiplier of the similarities.
+        learn_logit_scale: learn the temperature (True) or keep it fixed (False).
+        max_logit_scale: upper limit of a learned temperature.
+        logit_bias: initial value of a learned bias added to the logits, needed by `SigmoidLoss`
+            (SigLIP starts at -10 with `logit_scale=10`); None for no bias.
+
+    Example:
+    >>> img = kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")  # doctest: +SKIP
+    >>> txt = kci.TextEncoder.from_preset("multilingual_e5_small")  # doctest: +SKIP
+    >>> model = kci.DualEncoder(img, txt, projection_dim=256)  # doctest: +SKIP
+    >>> model.lock("image")  # LiT  # doctest: +SKIP
+    >>> model.compile()  # doctest: +SKIP
+    >>> model.fit(kci.data.pairs(images, captions, model=model, batch_size=64), epochs=3)  # doctest: +SKIP
+    >>> model.encode_texts(["un gatto"]).shape  # doctest: +SKIP
+    (1, 256)
+    """
+
+    def __init__(
+        self,
+        image_encoder,
+        text_encoder,
+        projection_dim=512,
+        logit_scale=1 / 0.07,
+        learn_logit_scale=True,
+        max_logit_scale=100.0,
+        logit_bias=None,
+        **kwargs,
+    ):
+        if not 0 < logit_scale <= max_logit_scale:
+            raise ValueError(f"logit_scale must be in (0, max_logit_scale={max_logit_scale}], got {logit_scale}")
+        super().__init__(**kwargs)
+
+        # === Layers ===
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.image_projection = keras.layers.Dense(projection_dim, use_bias=False, name="image_projection")
+        self.text_projection = keras.layers.Dense(projection_dim, use_bias=False, name="text_projection")
+
+        # === Config ===
+        self.projection_dim = int(projection_dim)
+        self.initial_logit_scale = float(logit_scale)
+        self.learn_logit_scale = bool(learn_logit_scale)
+        self.max_logit_scale = float(max_logit_scale)
+        self.initial_logit_bias = None if logit_bias is None else float(logit_bias)
+        self._locked = {}  # tower -> number of top groups left trainable (0: the whole tower is frozen)
+
+        # === Weights ===
+        self.image_projection.build((None, image_encoder.embedding_dim))
+        self.text_projection.build((None, text_encoder.embedding_dim))
+        # keras.initializers.Constant, not a Python float: a float initializer makes JAX retrace at step 2.
+        self.log_logit_scale = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(math.log(logit_scale)),
+            trainable=self.learn_logit_scale,
+            constraint=_MaxValue(math.log(max_logit_scale)),
+            dtype="float32",
+            name="logit_scale",
+        )
+        self.logit_bias = None
+        if logit_bias is not None:
+            self.logit_bias = self.add_weight(
+                shape=(),
+                initializer=keras.initializers.Constant(float(logit_bias)),
+                dtype="float32",
+                name="logit_bias",
+            )
+        self.image_to_text_top1 = keras.metrics.Mean(name="image_to_text_top1")
+        self.text_to_image_top1 = keras.metrics.Mean(name="text_to_image_top1")
+        self.contrastive_loss = None
+        self.built = True
+
+    # === Forward pass ===
+
+    def _tower_training(self, tower, training):
+        # A fully locked tower runs in inference mode: no dropout, batch norm on its moving statistics.
+        return bool(training) and self._locked.get(tower) != 0
+
+    def _project(self, features, projection):
+        embeddings = ops.cast(projection(features), "float32")
+        return embeddings / ops.maximum(ops.norm(embeddings, axis=-1, keepdims=True), 1e-12)
+
+    def call(self, inputs, training=False):
+        if not isinstance(inputs, dict) or not ({"images", "texts"} & set(inputs)):
+            raise ValueError(
+                "DualEncoder takes a dict with 'images' (uint8 pixels) and/or 'texts' (the text encoder's "
+                "token dict), as kci.data.pairs yields; for raw images or strings use encode_images / "
+                "encode_texts"
+            )
+        outputs = {}
+        if "images" in inputs:
+            features = self.image_encoder(inputs["images"], training=self._tower_training("image", training))
+            outputs["image_embeddings"] = self._project(features, self.image_projection)
+        if "texts" in inputs:
+            features = self.text_encoder(inputs["texts"], training=self._tower_training("text", training))
+            outputs["text_embeddings"] = self._project(features, self.text_projection)
+        return outputs
+
+    @property
+    def logit_scale(self):
+        """The current temperature multiplier, a float32 scalar tensor."""
+        return ops.exp(ops.cast(self.log_logit_scale, "float32"))
+
+    # === Training ===
+
+    def compile(self, optimizer=None, loss=None, **kwargs):
+        """Configures training with defaults that need no labels.
+
+        Args:
+            optimizer: a Keras optimizer or its name; default AdamW(learning_rate=1e-4, weight_decay=0.1).
+                The temperature and bias are never weight-decayed.
+            loss: `ContrastiveLoss()` (default) or `SigmoidLoss()` (needs `logit_bias`).
+            **kwargs: passed to `keras.Model.compile` (jit_compile, steps_per_execution, ...); `metrics`
+                is not accepted: the in-batch image_to_text_top1 and text_to_image_top1 are reported.
+        """
+        if kwargs.get("metrics") or kwargs.get("weighted_metrics"):
+            raise ValueError(
+                "DualEncoder.compile reports image_to_text_top1 and text_to_image_top1 itself; label-based "
+                "metrics do not apply to contrastive training: evaluate retrieval with kci.metrics instead"
+            )
+        kwargs.pop("metrics", None)
+        kwargs.pop("weighted_metrics", None)
+        kwargs.pop("loss_weights", None)
+        if optimizer is None:
+            optimizer = keras.optimizers.AdamW(learning_rate=1e-4, weight_decay=0.1)
+        optimizer = keras.optimizers.get(optimizer)
+        _exclude_from_decay(optimizer)
+        loss = ContrastiveLoss() if loss is None else keras.losses.get(loss)
+        if isinstance(loss, SigmoidLoss) and self.logit_bias is None:
+            raise ValueError("SigmoidLoss needs a learned bias: build the model with DualEncoder(..., logit_bias=-10.0)")
+        self.contrastive_loss = loss
+        super().compile(optimizer=optimizer, loss=None, **kwargs)
+        # Keras records loss=None; record the real loss so a reloaded .keras model compiles the same way.
+        self._compile_config.config["loss"] = loss
+
+    def compile_from_config(self, config):
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        # Optimizer variables must exist before a saved optimizer state can be loaded into them.
+        self.optimizer.build(self.trainable_variables)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if self.contrastive_loss is None:
+            raise ValueError("call model.compile() before training or evaluating the model")
+        if "image_embeddings" not in y_pred or "text_embeddings" not in y_pred:
+            raise ValueError("training batches need both 'images' and 'texts': build them with kci.data.pairs")
+        scores = {
+            "image_embeddings": y_pred["image_embeddings"],
+            "text_embeddings": y_pred["text_embeddings"],
+            "logit_scale": self.logit_scale,
+        }
+        if self.logit_bias is not None:
+            scores["logit_bias"] = ops.cast(self.logit_bias, "float32")
+        # No labels: row i matches column i. An empty dict passes through Keras' tensor conversion.
+        loss = self.contrastive_loss({}, scores)
+        for extra in self.losses:
+            loss = loss + self._aggregate_additional_loss(extra)
+        return loss
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        similarity = ops.matmul(y_pred["image_embeddings"], ops.transpose(y_pred["text_embeddings"]))
+        labels = ops.arange(ops.shape(similarity)[0])
+        for metric, axis in ((self.image_to_text_top1, 1), (self.text_to_image_top1, 0)):
+            hits = ops.cast(ops.equal(ops.argmax(similarity, axis=axis), labels), "float32")
+            metric.update_state(ops.mean(hits))
+        return self.get_metrics_result()
+
+    # === Locking ===
+
+    def _tower(self, tower):
+        if tower not in TOWERS:
+            raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
+        return self.image_encoder if tower == "image" else self.text_encoder
+
+    @property
+    def locked_towers(self):
+        """{tower: number of top groups left trainable} for the locked towers (0: fully frozen)."""
+        return dict(self._locked)
+
+    def lock(self, tower, unlocked_groups=0):
+        """Freezes a tower, optionally leaving its top `unlocked_groups` groups trainable (LiT).
+
+        Frozen layers stop updating and their batch norms run on their moving statistics; a fully
+        locked tower also runs without dropout. The projection heads stay trainable. Safe to call
+        again with another `unlocked_groups`, and during `fit` (from a callback): the training step is
+        rebuilt and, because the optimizer only knows the variables it was built for, a compiled model
+        gets a fresh optimizer of the same configuration.
+
+        Args:
+            tower: "image" or "text".
+            unlocked_groups: how many of the backbone's last groups (transformer blocks, final norm, ...;
+                see `layer_groups`) stay trainable.
+        """
+        encoder = self._tower(tower)
+        groups = layer_groups(encoder.backbone)
+        if not 0 <= unlocked_groups <= len(groups):
+            raise ValueError(f"unlocked_groups must be between 0 and {len(groups)} for the {tower} tower")
+        if self._locked.get(tower) == unlocked_groups:
+            return
+        self._sync_training_state()
+        if unlocked_groups == 0:
+            encoder.trainable = False
+        else:
+            encoder.trainable = True
+            for layer in encoder._flatten_layers(include_self=False, recursive=False):
+                if layer is not encoder.backbone:
+                    layer.trainable = False
+            for group in groups[: len(groups) - unlocked_groups]:
+                group.trainable = False
+        self._locked[tower] = int(unlocked_groups)
+        self._refresh_training()
+
+    def unlock(self, tower):
+        """Makes a locked tower fully trainable again (the second phase of the CLIP-Italian schedule)."""
+        encoder = self._tower(tower)
+        if tower not in self._locked:
+            return
+        self._sync_training_state()
+        encoder.trainable = True
+        del self._locked[tower]
+        self._refresh_training()
+
+    def _sync_training_state(self):
+        # Mid-fit on JAX the latest values live in the trainer's state, keyed by the current list of
+        # trainable variables: write them back before that list changes.
+        if keras.backend.backend() == "jax" and hasattr(self, "jax_state_sync"):
+            self.jax_state_sync()
+
+    def _refresh_training(self):
+        if self.optimizer is not None and self.optimizer.built:
+            self.optimizer = self._fresh_optimizer()
+        if self.train_function is not None:
+            self.make_train_function(force=True)
+
+    def _fresh_optimizer(self, learning_rate=None):
+        """A new optimizer with the current one's configuration, built for today's trainable variables."""
+        old = self.optimizer
+        config = old.get_config()
+        if learning_rate is not None:
+            config["learning_rate"] = float(learning_rate)
+        # Under tf.distribute, optimizer variables must be created in the strategy's scope.
+        scope = self.distribute_strategy.scope() if keras.backend.backend() == "tensorflow" else nullcontext()
+        with scope:
+            optimizer = type(old).from_config(config)
+            _exclude_from_decay(optimizer)
+            optimizer.build(self.trainable_variables)
+        return optimizer
+
+    def _set_learning_rate(self, learning_rate):
+        """Sets a constant learning rate, replacing a schedule if there is one; safe during `fit`."""
+        if isinstance(self.optimizer._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+            self._sync_training_state()
+            self.optimizer = self._fresh_optimizer(learning_rate)
+            if self.train_function is not None:
+                self.make_train_function(force=True)
+        else:
+            self.optimizer.learning_rate = float(learning_rate)
+
+    # === Inference ===
+
+    def encode_images(self, images, batch_size=32):
+        """L2-normalised float32 embeddings (N, projection_dim) of images of any kind the tower accepts."""
+        items = images if isinstance(images, np.ndarray) and images.ndim == 4 else _as_list(images)
+        return self._encode(
+            len(items), lambda start, stop: self.image_encoder.preprocess(items[start:stop]), "images", batch_size
+        )
+
+    def encode_texts(self, texts, batch_size=64):
+        """L2-normalised float32 embeddings (N, projection_dim) of strings."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self._encode(
+            len(texts), lambda start, stop: self.text_encoder.tokenize(texts[start:stop]), "texts", batch_size
+        )
+
+    def _encode(self, count, make_batch, key, batch_size):
+        size = padded_batch_size(count, batch_size)
+        outputs = []
+        for start in range(0, count, size):
+            stop = min(start + size, count)
+            batch = _pad_rows(make_batch(start, stop), size)  # static shapes: one compiled function
+            result = self.predict_on_batch({key: batch})
+            outputs.append(np.asarray(result[key[:-1] + "_embeddings"], np.float32)[: stop - start])
+        if not outputs:
+            return np.zeros((0, self.projection_dim), np.float32)
+        return np.concatenate(outputs)
+
+    # === Saving ===
+
+    @classmethod
+    def from_preset(cls, preset, **kwargs):
+        """Loads a trained dual encoder from a `.keras` file or a local directory.
+
+        Args:
+            preset: a `.keras` file, a directory holding `model.keras`, or a local Hugging Face
+                directory whose model type has a registered converter.
+            **kwargs: passed to the converter.
+        """
+        from keras_clip_it.encoders import presets
+
+        local = preset[len("file://"):] if preset.startswith("file://") else preset
+        if local.endswith(".keras") and os.path.isfile(local):
+            return keras.saving.load_model(local)
+        if os.path.isdir(local):
+            if os.path.isfile(os.path.join(local, "model.keras")):
+                return keras.saving.load_model(os.path.join(local, "model.keras"))
+            converters = presets.HF_CONVERTERS.get("dual", {})
+            config_path = os.path.join(local, "config.json")
+            if os.path.isfile(config_path):
+                with open(config_path) as handle:
+                    model_type = json.load(handle).get("model_type")
+                if model_type in converters:
+                    return presets._call(converters[model_type], local, **kwargs)
+                raise ValueError(
+                    f"{config_path} has model_type {model_type!r}, which DualEncoder cannot load yet; "
+                    f"supported: {sorted(converters) or 'none yet'}"
+                )
+        raise ValueError(
+            f"unknown DualEncoder preset {preset!r}: pass a .keras file or a local directory (with model.keras "
+            "or a Hugging Face checkpoint), or build a model from towers with "
+            "DualEncoder(ImageEncoder.from_preset(...), TextEncoder.from_preset(...))"
+        )
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "image_encoder": keras.layers.serialize(self.image_encoder),
+            "text_encoder": keras.layers.serialize(self.text_encoder),
+            "projection_dim": self.projection_dim,
+            "logit_scale": self.initial_logit_scale,
+            "learn_logit_scale": self.learn_logit_scale,
+            "max_logit_scale": self.max_logit_scale,
+            "logit_bias": self.initial_logit_bias,
+            "locked_towers": dict(self._locked),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["image_encoder"] = keras.layers.deserialize(config["image_encoder"])
+        config["text_encoder"] = keras.layers.deserialize(config["text_encoder"])
+        locked = config.pop("locked_towers", {}) or {}
+        model = cls(**config)
+        for tower, unlocked_groups in locked.items():
+            model.lock(tower, unlocked_groups)
+        return model
+
+
+def _exclude_from_decay(optimizer):
+    if getattr(optimizer, "weight_decay", None) and hasattr(optimizer, "exclude_from_weight_decay"):
+        optimizer.exclude_from_weight_decay(var_names=NO_WEIGHT_DECAY)
+
+
+def _as_list(inputs):
+    return list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+
+
+def _pad_rows(batch, size):
+    if isinstance(batch, dict):
+        return {key: _pad_rows(value, size) for key, value in batch.items()}
+    pad = [(0, size - batch.shape[0])] + [(0, 0)] * (batch.ndim - 1)
+    return np.pad(batch, pad)
