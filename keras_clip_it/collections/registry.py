@@ -19,6 +19,7 @@ import pluggy
 from keras_clip_it.collections import hookspecs
 from keras_clip_it.collections.specs import NAME_PATTERN
 from keras_clip_it.collections.specs import CollectionSpec
+from keras_clip_it.collections.specs import as_raw_pair
 
 ENTRY_POINT_GROUP = "keras_clip_it"
 
@@ -142,6 +143,11 @@ class Registry:
         """The plugins that failed, as {plugin name: what went wrong}; empty when all is well."""
         return self._collect()[2]
 
+    def details(self, name):
+        """One registered collection's details, as `available(details=True)` lists them."""
+        specs, owners, problems = self._collect()
+        return dict(_pick(name, specs, owners, problems).details(), plugin=owners[name][0])
+
     def get_spec(self, name):
         """The `CollectionSpec` registered under `name`; unknown or duplicated names are clear errors."""
         return _pick(name, *self._collect())
@@ -189,15 +195,57 @@ def build_collection(spec):
     """An in-memory `AnalogyCollection` holding `spec`'s pairs (ids, captions, image references, metadata)."""
     from keras_clip_it.collections.analogy_collection import AnalogyCollection
 
-    ids, captions, image_refs, metadata = [], [], [], []
-    for pair in spec.iter_pairs():
-        ids.append(pair.id)
-        captions.append(pair.caption)
-        image_refs.append(_cache_image(spec.name, pair.id, pair.image) if isinstance(pair.image, np.ndarray) else pair.image)
-        metadata.append(pair.metadata)
     collection = AnalogyCollection(name=spec.name, language=spec.language)
-    collection.add(ids, captions=captions, image_refs=image_refs, metadata=metadata)
+    add_pairs(collection, spec.iter_pairs())
     return collection
+
+
+def add_pairs(collection, pairs, image_encoder=None, text_encoder=None, batch_size=32):
+    """Appends raw pairs to a collection, embedding them with the encoders the collection already uses.
+
+    A collection never holds rows that one of its encoders has not embedded, so if it has embeddings,
+    the encoders that made them must be given (matched by fingerprint); only the new pairs are embedded,
+    and all of it happens before the collection changes, so a failure leaves it as it was.
+
+    Args:
+        collection: an `AnalogyCollection` (in memory or stored).
+        pairs: iterable of `RawPair` (or tuples, validated as `CollectionSpec` does).
+        image_encoder: the encoder of the collection's image embeddings, if it has any.
+        text_encoder: likewise for text.
+        batch_size: images per encoder batch.
+
+    Returns:
+        The list of ids added.
+    """
+    pairs = [as_raw_pair(pair, f"collection {collection.name!r}, new pair {index}") for index, pair in enumerate(pairs)]
+    image_refs = [
+        _cache_image(collection.name, pair.id, pair.image) if isinstance(pair.image, np.ndarray) else pair.image
+        for pair in pairs
+    ]
+    encoders = {"image": image_encoder, "text": text_encoder}
+    embeddings = {}
+    for kind, fingerprints in collection.fingerprints.items():
+        for fingerprint in fingerprints:
+            encoder = encoders[kind]
+            if encoder is None or encoder.fingerprint != fingerprint:
+                raise ValueError(
+                    f"collection {collection.name!r} holds {kind} embeddings from encoder {fingerprint[:12]}: pass "
+                    f"{kind}_encoder= with that fingerprint so the new pairs are embedded the same way"
+                )
+            if pairs and kind == "image":
+                embeddings.setdefault(kind, {})[fingerprint] = encoder.embed(image_refs, batch_size=batch_size)
+            elif pairs:
+                embeddings.setdefault(kind, {})[fingerprint] = encoder.embed([pair.caption for pair in pairs])
+    ids = [pair.id for pair in pairs]
+    if ids:
+        collection.add(
+            ids,
+            captions=[pair.caption for pair in pairs],
+            image_refs=image_refs,
+            metadata=[pair.metadata for pair in pairs],
+            embeddings=embeddings or None,
+        )
+    return ids
 
 
 def _cache_image(collection_name, pair_id, pixels):
@@ -227,5 +275,6 @@ default = Registry()
 pm = default.pm
 available = default.available
 broken = default.broken
+details = default.details
 get_spec = default.get_spec
 load = default.load

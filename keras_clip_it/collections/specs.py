@@ -94,10 +94,11 @@ class CollectionSpec:
         """Yields the spec's pairs as validated `RawPair`s; a malformed pair is a clear error naming it."""
         items = self.pairs() if callable(self.pairs) else self.pairs
         for index, item in enumerate(items):
-            yield _as_raw_pair(item, f"collection {self.name!r}, pair {index}")
+            yield as_raw_pair(item, f"collection {self.name!r}, pair {index}")
 
 
-def _as_raw_pair(item, where):
+def as_raw_pair(item, where):
+    """Validates one pair (a RawPair, a tuple or a dict) and returns it as a `RawPair`; `where` names it in errors."""
     if isinstance(item, dict):
         unknown = set(item) - set(RawPair._fields)
         if unknown or not {"id", "caption", "image"} <= set(item):

@@ -14,6 +14,7 @@ import warnings
 from typing import NamedTuple
 
 from keras_clip_it.collections import RawPair
+from keras_clip_it.collections.registry import add_pairs
 
 from keras_clip_it_news.feeds import FeedError
 from keras_clip_it_news.feeds import parse_feed
@@ -185,40 +186,11 @@ def update(collection, source, now=None, image_encoder=None, text_encoder=None, 
         if "published" in metadata and datetime.datetime.fromisoformat(metadata["published"]) < cutoff
     ]
     fresh = [pair for pair in news_pairs(source, now) if pair.id not in present]
-    # Embed before changing anything, so a failing encoder leaves the collection as it was.
-    embeddings = _embed(collection, fresh, image_encoder, text_encoder, batch_size)
+    # Adding first: it embeds before changing anything, so a failing encoder leaves the collection as it was.
+    added = add_pairs(collection, fresh, image_encoder, text_encoder, batch_size)
     if stale:
         collection.remove(stale)
-    if fresh:
-        collection.add(
-            [pair.id for pair in fresh],
-            captions=[pair.caption for pair in fresh],
-            image_refs=[pair.image for pair in fresh],
-            metadata=[pair.metadata for pair in fresh],
-            embeddings=embeddings,
-        )
-    return UpdateReport(added=[pair.id for pair in fresh], removed=stale)
-
-
-def _embed(collection, pairs, image_encoder, text_encoder, batch_size):
-    encoders = {"image": image_encoder, "text": text_encoder}
-    embeddings = {}
-    for kind, fingerprints in collection.fingerprints.items():
-        for fingerprint in fingerprints:
-            encoder = encoders[kind]
-            if encoder is None or encoder.fingerprint != fingerprint:
-                raise ValueError(
-                    f"collection {collection.name!r} holds {kind} embeddings from encoder {fingerprint[:12]}: pass "
-                    f"{kind}_encoder= with that fingerprint so the new items are embedded the same way"
-                )
-            if not pairs:
-                continue
-            if kind == "image":
-                array = encoder.embed([pair.image for pair in pairs], batch_size=batch_size)
-            else:
-                array = encoder.embed([pair.caption for pair in pairs])
-            embeddings.setdefault(kind, {})[fingerprint] = array
-    return embeddings or None
+    return UpdateReport(added=added, removed=stale)
 
 
 def _local_image(location):
