@@ -63,7 +63,6 @@ class Registry:
         self._load_entry_points = load_entry_points
         self._import_failures = {}
         self._lock = threading.Lock()
-        self._warned = set()
 
     def _import_plugins(self):
         with self._lock:
@@ -121,10 +120,9 @@ class Registry:
                 for plugin in sorted(set(plugins)):
                     problems.setdefault(plugin, []).append(_duplicate_message(name, plugins))
         for plugin, reasons in problems.items():
+            # Python's warning filters show each message once per calling line, not on every call.
             message = f"keras-clip-it plugin {plugin!r} is broken, the other plugins still work: {'; '.join(reasons)}"
-            if message not in self._warned:
-                self._warned.add(message)
-                warnings.warn(message, PluginWarning, stacklevel=3)
+            warnings.warn(message, PluginWarning, stacklevel=3)
         return specs, owners, {plugin: "; ".join(reasons) for plugin, reasons in problems.items()}
 
     def available(self, details=False):
@@ -185,6 +183,8 @@ def _pick(name, specs, owners, problems):
 
 
 def _duplicate_message(name, plugins):
+    if len(set(plugins)) == 1:
+        return f"plugin {plugins[0]!r} registers the collection {name!r} more than once: give each a distinct name"
     return (
         f"collection {name!r} is registered by both plugins {' and '.join(repr(p) for p in sorted(plugins))}: "
         "uninstall one of them (pip uninstall ...) or ask its author to rename it"
