@@ -703,15 +703,15 @@ def _commit(location, manifest, keep):
 def _write_rows_segment(location, name, columns, encoders, arrays):
     ids = columns["ids"]
     n = len(ids)
-    files = {
-        column: location.write_file(f"{SEGMENTS}/{name}.{column}.jsonl", [_jsonl(columns[column], column, ids)])
-        for column in COLUMNS
-    }
-    stored = []
-    for index, (encoder, (values, scales)) in enumerate(zip(encoders, arrays)):
+    # Everything is checked and encoded before the first byte is written.
+    texts = {column: _jsonl(columns[column], column, ids) for column in COLUMNS}
+    for encoder, (values, _) in zip(encoders, arrays):
         if values.shape != (n, encoder["dims"]):
             key = (encoder["kind"], encoder["fingerprint"])
             raise ValueError(f"{_keys([key])} embeddings have shape {values.shape}, expected {(n, encoder['dims'])}")
+    files = {column: location.write_file(f"{SEGMENTS}/{name}.{column}.jsonl", [texts[column]]) for column in COLUMNS}
+    stored = []
+    for index, (encoder, (values, scales)) in enumerate(zip(encoders, arrays)):
         stem = f"{SEGMENTS}/{name}.{encoder['kind']}{index}"
         entry = {"kind": encoder["kind"], "fingerprint": encoder["fingerprint"]}
         entry["file"] = location.write_file(f"{stem}.npy", _npy_chunks(values))
