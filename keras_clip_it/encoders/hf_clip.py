@@ -215,12 +215,19 @@ def bert_text_encoder(directory, text_config, loader):
     import keras_hub
     from keras_hub.src.utils.transformers import convert_bert
 
-    from keras_clip_it.encoders.text_preprocessor import bert_tokenizer_from_folder
+    from keras_clip_it.encoders.minilm import HFBertBackbone
+    from keras_clip_it.encoders.minilm import bert_tokenizer
 
-    backbone = keras_hub.models.BertBackbone(**convert_bert.convert_backbone_config(text_config))
+    backbone = HFBertBackbone(
+        **convert_bert.convert_backbone_config(text_config),
+        activation=text_config.get("hidden_act", "gelu"),
+        layer_norm_epsilon=text_config.get("layer_norm_eps", 1e-12),
+    )
     convert_bert.convert_weights(backbone, loader, text_config)
-    tokenizer, length = bert_tokenizer_from_folder(directory, text_config)
-    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=length)
+    tokenizer_config = os.path.join(directory, "tokenizer_config.json")
+    limit = read_config(directory, "tokenizer_config.json").get("model_max_length", 512) if os.path.exists(tokenizer_config) else 512
+    length = int(min(limit, text_config.get("max_position_embeddings", 512)))
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(bert_tokenizer(directory), sequence_length=length)
     return TextEncoder(backbone, preprocessor, pooling="pooled")
 
 

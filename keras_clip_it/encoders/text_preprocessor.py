@@ -1,12 +1,9 @@
 """Strings to the token ids and padding mask a text backbone takes, in a graph that runs in tf.data."""
 
-import os
-
 import keras
 from keras_hub.src.layers.preprocessing.preprocessing_layer import PreprocessingLayer
 from keras_hub.src.layers.preprocessing.start_end_packer import StartEndPacker
 
-from keras_clip_it.encoders.hf_weights import read_config
 
 try:
     import tensorflow as tf
@@ -82,28 +79,3 @@ class TextPreprocessor(PreprocessingLayer):
         config = dict(config)
         config["tokenizer"] = keras.layers.deserialize(config["tokenizer"])
         return cls(**config)
-
-
-def bert_tokenizer_from_folder(directory, text_config):
-    """A keras-hub BertTokenizer that normalises text as the folder's Hugging Face tokenizer does.
-
-    Hugging Face strips accents whenever it lowercases unless `strip_accents` says otherwise; keras-hub's
-    converter only lowercases, so "caffè" becomes [UNK] instead of "caffe". Both settings are read here.
-
-    Returns:
-        (tokenizer, sequence_length)
-    """
-    import keras_hub
-
-    vocabulary = os.path.join(directory, "vocab.txt")
-    if not os.path.exists(vocabulary):
-        raise FileNotFoundError(f"{directory!r} has no vocab.txt: the BERT tokenizer needs it")
-    config_path = os.path.join(directory, "tokenizer_config.json")
-    config = read_config(directory, "tokenizer_config.json") if os.path.exists(config_path) else {}
-    lowercase = bool(config.get("do_lower_case", True))
-    strip_accents = config.get("strip_accents")
-    tokenizer = keras_hub.models.BertTokenizer(
-        vocabulary=vocabulary, lowercase=lowercase, strip_accents=lowercase if strip_accents is None else bool(strip_accents)
-    )
-    limit = config.get("model_max_length", text_config.get("max_position_embeddings", 512))
-    return tokenizer, int(min(limit, text_config.get("max_position_embeddings", 512)))
