@@ -18,7 +18,9 @@ def _clean_errors(run):
         try:
             return run(args)
         except (ValueError, LookupError, TypeError, OSError) as error:
-            print(f"keras-clip-it collections: error: {error}", file=sys.stderr)
+            # KeyError's str() is the repr of its message; show the message itself.
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error
+            print(f"keras-clip-it collections: error: {message}", file=sys.stderr)
             return 1
 
     return wrapped
@@ -62,66 +64,75 @@ def run_list(args):
     return 0
 
 
-def run_info(args):
+def _is_name(target):
     import os
 
-    registry = _registry()
-    target = args.name
-    if registry.NAME_PATTERN.match(target) and not os.path.exists(target):
-        details = registry.details(target)
+    from keras_clip_it.collections.specs import NAME_PATTERN
+
+    return bool(NAME_PATTERN.match(target)) and not os.path.exists(target)
+
+
+def run_info(args):
+    from keras_clip_it.collections import storage
+
+    if _is_name(args.name):
+        details = _registry().details(args.name)
     else:
-        collection = registry.load(target)
-        details = {
-            "name": collection.name,
-            "language": collection.language,
-            "pairs": len(collection),
-            "version": collection.version,
-            "encoders": collection.fingerprints,
-        }
+        details = storage.info(args.name)
+        details["encoders"] = [f"{e['kind']}:{e['fingerprint'][:12]} ({e['dims']}-d, {e['dtype']})" for e in details["encoders"]]
     for key, value in details.items():
-        print(f"{key:12s} {value}")
+        print(f"{key:15s} {value}")
     return 0
 
 
 def run_build(args):
     from keras_clip_it.collections import storage
 
-    registry = _registry()
     start = time.perf_counter()
-    collection = registry.load(args.name)
+    collection = _registry().load(args.name)
     image_encoder, text_encoder = _encoders(args)
     if image_encoder or text_encoder:
         collection.embed(image_encoder=image_encoder, text_encoder=text_encoder, batch_size=args.batch_size)
-    storage.save_collection(collection, args.to)
-    print(f"built {args.name!r}: {len(collection)} pairs at {args.to} in {time.perf_counter() - start:.1f}s")
+    generation = storage.save_collection(collection, args.to, dtype=args.dtype)
+    print(
+        f"built {args.name!r}: {len(collection)} pairs, encoders {collection.fingerprints}, at {args.to} "
+        f"(generation {generation}) in {time.perf_counter() - start:.1f}s"
+    )
     return 0
 
 
 def run_add(args):
+    from keras_clip_it.collections import storage
+
     registry = _registry()
-    collection = registry.load(args.uri)
+    stored = storage.open_collection(args.uri)
     if args.source:
-        present = set(collection.ids)
+        present = set(stored.ids)
         pairs = [pair for pair in registry.get_spec(args.source).iter_pairs() if pair.id not in present]
     else:
         pairs = _read_pairs(args.pairs)
     image_encoder, text_encoder = _encoders(args)
-    added = registry.add_pairs(collection, pairs, image_encoder, text_encoder, batch_size=args.batch_size)
-    print(f"added {len(added)} pairs to {args.uri}: now {len(collection)}")
+    columns = registry.prepare_pairs(stored.name, stored.fingerprints, pairs, image_encoder, text_encoder, args.batch_size)
+    if columns["ids"]:
+        storage.append(args.uri, **columns)
+    print(f"added {len(columns['ids'])} pairs to {args.uri}: now {len(stored) + len(columns['ids'])}")
     return 0
 
 
 def run_remove(args):
-    collection = _registry().load(args.uri)
-    collection.remove(args.ids)
-    print(f"removed {len(args.ids)} pairs from {args.uri}: now {len(collection)}")
+    from keras_clip_it.collections import storage
+
+    storage.remove(args.uri, args.ids)
+    print(f"removed {len(set(args.ids))} pairs from {args.uri}: now {storage.info(args.uri)['counts']['pairs']}")
     return 0
 
 
 def run_compact(args):
-    collection = _registry().load(args.uri)
-    collection.compact()
-    print(f"compacted {args.uri}: {len(collection)} pairs")
+    from keras_clip_it.collections import storage
+
+    storage.compact(args.uri)
+    counts = storage.info(args.uri)["counts"]
+    print(f"compacted {args.uri}: {counts['pairs']} pairs in {counts['segments']} segment(s)")
     return 0
 
 
@@ -161,6 +172,7 @@ def register(subparsers):
     build.add_argument("name", help="registered collection name")
     build.add_argument("--to", required=True, help="destination URI or path (file://, memory://, s3://, ...)")
     _encoder_options(build)
+    build.add_argument("--dtype", choices=("float32", "float16", "int8"), default="float32", help="how embeddings are stored")
     build.set_defaults(func=_clean_errors(run_build))
 
     add = commands.add_parser("add", help="add pairs to a stored collection")

@@ -201,14 +201,10 @@ def build_collection(spec):
 
 
 def add_pairs(collection, pairs, image_encoder=None, text_encoder=None, batch_size=32):
-    """Appends raw pairs to a collection, embedding them with the encoders the collection already uses.
-
-    A collection never holds rows that one of its encoders has not embedded, so if it has embeddings,
-    the encoders that made them must be given (matched by fingerprint); only the new pairs are embedded,
-    and all of it happens before the collection changes, so a failure leaves it as it was.
+    """Appends raw pairs to an in-memory collection, embedding them with the encoders it already uses.
 
     Args:
-        collection: an `AnalogyCollection` (in memory or stored).
+        collection: an `AnalogyCollection`.
         pairs: iterable of `RawPair` (or tuples, validated as `CollectionSpec` does).
         image_encoder: the encoder of the collection's image embeddings, if it has any.
         text_encoder: likewise for text.
@@ -217,35 +213,56 @@ def add_pairs(collection, pairs, image_encoder=None, text_encoder=None, batch_si
     Returns:
         The list of ids added.
     """
-    pairs = [as_raw_pair(pair, f"collection {collection.name!r}, new pair {index}") for index, pair in enumerate(pairs)]
+    columns = prepare_pairs(collection.name, collection.fingerprints, pairs, image_encoder, text_encoder, batch_size)
+    if columns["ids"]:
+        collection.add(**columns)
+    return columns["ids"]
+
+
+def prepare_pairs(name, fingerprints, pairs, image_encoder=None, text_encoder=None, batch_size=32):
+    """The columns and embeddings that add raw pairs to a collection embedded with `fingerprints`.
+
+    A collection never holds rows that one of its encoders has not embedded, so for every fingerprint
+    it has, the matching encoder must be given; only the new pairs are embedded. Everything is computed
+    before the caller changes the collection, so a failure leaves it as it was.
+
+    Args:
+        name: str, the collection's name, for messages (and the folder of cached pixel arrays).
+        fingerprints: {"image": [...], "text": [...]}, the collection's encoders (`col.fingerprints`).
+        pairs: iterable of `RawPair` (or tuples, validated as `CollectionSpec` does).
+        image_encoder, text_encoder: the encoders of those fingerprints.
+        batch_size: images per encoder batch.
+
+    Returns:
+        A dict with ids, captions, image_refs, metadata and embeddings, the arguments of
+        `AnalogyCollection.add` and `storage.append`.
+    """
+    pairs = [as_raw_pair(pair, f"collection {name!r}, new pair {index}") for index, pair in enumerate(pairs)]
     image_refs = [
-        _cache_image(collection.name, pair.id, pair.image) if isinstance(pair.image, np.ndarray) else pair.image
-        for pair in pairs
+        _cache_image(name, pair.id, pair.image) if isinstance(pair.image, np.ndarray) else pair.image for pair in pairs
     ]
+    captions = [pair.caption for pair in pairs]
     encoders = {"image": image_encoder, "text": text_encoder}
     embeddings = {}
-    for kind, fingerprints in collection.fingerprints.items():
-        for fingerprint in fingerprints:
+    for kind, kind_fingerprints in fingerprints.items():
+        for fingerprint in kind_fingerprints:
             encoder = encoders[kind]
             if encoder is None or encoder.fingerprint != fingerprint:
                 raise ValueError(
-                    f"collection {collection.name!r} holds {kind} embeddings from encoder {fingerprint[:12]}: pass "
+                    f"collection {name!r} holds {kind} embeddings from encoder {fingerprint[:12]}: pass "
                     f"{kind}_encoder= with that fingerprint so the new pairs are embedded the same way"
                 )
             if pairs and kind == "image":
                 embeddings.setdefault(kind, {})[fingerprint] = encoder.embed(image_refs, batch_size=batch_size)
             elif pairs:
-                embeddings.setdefault(kind, {})[fingerprint] = encoder.embed([pair.caption for pair in pairs])
-    ids = [pair.id for pair in pairs]
-    if ids:
-        collection.add(
-            ids,
-            captions=[pair.caption for pair in pairs],
-            image_refs=image_refs,
-            metadata=[pair.metadata for pair in pairs],
-            embeddings=embeddings or None,
-        )
-    return ids
+                embeddings.setdefault(kind, {})[fingerprint] = encoder.embed(captions)
+    return {
+        "ids": [pair.id for pair in pairs],
+        "captions": captions,
+        "image_refs": image_refs,
+        "metadata": [pair.metadata for pair in pairs],
+        "embeddings": embeddings or None,
+    }
 
 
 def _cache_image(collection_name, pair_id, pixels):

@@ -93,6 +93,6 @@ def test_cli_info_of_a_registered_collection_and_a_clear_error_for_an_unknown_on
 
     assert cli.main(["collections", "info", "emoji-it"]) == 0
     out = capsys.readouterr().out
-    assert "language     it" in out and "plugin       emoji" in out
+    assert "language        it" in out and "plugin          emoji" in out
     assert cli.main(["collections", "info", "emoji-xx"]) == 1
     assert "no installed plugin registers a collection named 'emoji-xx'" in capsys.readouterr().err
