@@ -1,0 +1,202 @@
+"""Prompt templates for zero-shot classification, in English and Italian.
+
+A label alone ("cat") is a poor caption: captions in the wild say "a photo of a cat". Templates turn a
+label into captions that look like the data the text side was built from, and averaging over several
+templates smooths the wording away (Radford et al. 2021, section 3.1.4).
+
+English: the 80 ImageNet templates of the CLIP paper ("en") and the 7 its authors kept after selection
+("en-short"). Italian ("it", "it-short"): translations that need no article or agreement, since Italian
+articles and adjectives depend on the label's gender and number ("un gatto", "una mucca", "gli
+orsi"): "una foto di {}." reads well with a bare label ("una foto di gatto") and with one that carries
+its own article ("una foto di un gatto"), so pass labels as you would say them.
+"""
+
+ENGLISH = (
+    "a bad photo of a {}.",
+    "a photo of many {}.",
+    "a sculpture of a {}.",
+    "a photo of the hard to see {}.",
+    "a low resolution photo of the {}.",
+    "a rendering of a {}.",
+    "graffiti of a {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a tattoo of a {}.",
+    "the embroidered {}.",
+    "a photo of a hard to see {}.",
+    "a bright photo of a {}.",
+    "a photo of a clean {}.",
+    "a photo of a dirty {}.",
+    "a dark photo of the {}.",
+    "a drawing of a {}.",
+    "a photo of my {}.",
+    "the plastic {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a painting of the {}.",
+    "a painting of a {}.",
+    "a pixelated photo of the {}.",
+    "a sculpture of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a plastic {}.",
+    "a photo of the dirty {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a rendering of the {}.",
+    "a {} in a video game.",
+    "a photo of one {}.",
+    "a doodle of a {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "the origami {}.",
+    "the {} in a video game.",
+    "a sketch of a {}.",
+    "a doodle of the {}.",
+    "a origami {}.",
+    "a low resolution photo of a {}.",
+    "the toy {}.",
+    "a rendition of the {}.",
+    "a photo of the clean {}.",
+    "a photo of a large {}.",
+    "a rendition of a {}.",
+    "a photo of a nice {}.",
+    "a photo of a weird {}.",
+    "a blurry photo of a {}.",
+    "a cartoon {}.",
+    "art of a {}.",
+    "a sketch of the {}.",
+    "a embroidered {}.",
+    "a pixelated photo of a {}.",
+    "itap of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a plushie {}.",
+    "a photo of the nice {}.",
+    "a photo of the small {}.",
+    "a photo of the weird {}.",
+    "the cartoon {}.",
+    "art of the {}.",
+    "a drawing of the {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "the plushie {}.",
+    "a dark photo of a {}.",
+    "itap of a {}.",
+    "graffiti of the {}.",
+    "a toy {}.",
+    "itap of my {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "a tattoo of the {}.",
+)
+
+ENGLISH_SHORT = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+# The English set's ideas in forms that hold for any gender and number ("una foto sfocata di {}" rather
+# than "una foto di un {} sfocato"); "itap" (I took a picture) becomes "ho fotografato".
+ITALIAN = (
+    "una foto di {}.",
+    "una brutta foto di {}.",
+    "una bella foto di {}.",
+    "una foto sfocata di {}.",
+    "una foto nitida di {}.",
+    "una foto scura di {}.",
+    "una foto luminosa di {}.",
+    "una foto in bianco e nero di {}.",
+    "una foto ritagliata di {}.",
+    "una foto a bassa risoluzione di {}.",
+    "una foto pixelata di {}.",
+    "una foto sgranata di {}.",
+    "una foto in primo piano di {}.",
+    "una foto da vicino di {}.",
+    "una foto difficile da vedere di {}.",
+    "una foto con {}.",
+    "una fotografia di {}.",
+    "un'immagine di {}.",
+    "un disegno di {}.",
+    "uno schizzo di {}.",
+    "uno scarabocchio di {}.",
+    "un dipinto di {}.",
+    "un quadro di {}.",
+    "un'illustrazione di {}.",
+    "un fumetto di {}.",
+    "un cartone animato di {}.",
+    "un rendering di {}.",
+    "una scultura di {}.",
+    "un tatuaggio di {}.",
+    "un graffito di {}.",
+    "un ricamo di {}.",
+    "un origami di {}.",
+    "un peluche a forma di {}.",
+    "un giocattolo a forma di {}.",
+    "una versione di plastica di {}.",
+    "arte raffigurante {}.",
+    "{} in un videogioco.",
+    "{} in un cartone animato.",
+    "ho fotografato {}.",
+    "ecco {}.",
+)
+
+ITALIAN_SHORT = (
+    "una foto di {}.",
+    "ho fotografato {}.",
+    "una brutta foto di {}.",
+    "un origami di {}.",
+    "{} in un videogioco.",
+    "un disegno di {}.",
+    "una foto in primo piano di {}.",
+)
+
+TEMPLATE_SETS = {"en": ENGLISH, "en-short": ENGLISH_SHORT, "it": ITALIAN, "it-short": ITALIAN_SHORT}
+
+
+def get_templates(templates):
+    """Resolves `templates` to a tuple of templates.
+
+    Args:
+        templates: a set name ("en", "en-short", "it", "it-short"), a single template string with "{}",
+            a callable label -> caption, a list of those, or None (the label itself is the caption).
+
+    Returns:
+        A tuple of str templates and callables.
+
+    Example:
+    >>> get_templates("it-short")[0]
+    'una foto di {}.'
+    """
+    if templates is None:
+        return ("{}",)
+    if isinstance(templates, str):
+        if templates in TEMPLATE_SETS:
+            return TEMPLATE_SETS[templates]
+        templates = [templates]
+    elif callable(templates):
+        templates = [templates]
+    templates = tuple(templates)
+    if not templates:
+        raise ValueError("templates is empty: pass None to use the labels as captions")
+    for template in templates:
+        if isinstance(template, str):
+            if "{}" not in template:
+                known = ", ".join(repr(name) for name in TEMPLATE_SETS)
+                raise ValueError(f"template {template!r} has no '{{}}' for the label (or name a set: {known})")
+        elif not callable(template):
+            raise TypeError(f"a template is a str with '{{}}' or a callable, got {type(template).__name__}")
+    return templates
+
+
+def fill(templates, label):
+    """The captions of `label` under each template of `get_templates(templates)`."""
+    return [t.format(label) if isinstance(t, str) else str(t(label)) for t in get_templates(templates)]
