@@ -40,7 +40,15 @@ HF_CONVERTERS = {
         "clip": "keras_clip_it.encoders.hf_clip:load_clip_vision_model",
     },
     "text": {"bert": "keras_clip_it.encoders.minilm:load_sentence_transformers"},
+    # DualEncoder.from_preset; the converters live in keras_clip_it.models (encoders never import models).
+    "dual": {
+        "clip": "keras_clip_it.models.hf_dual_encoder:load_hf_dual_encoder",
+        "vision-text-dual-encoder": "keras_clip_it.models.hf_dual_encoder:load_hf_dual_encoder",
+    },
 }
+
+# Files a Hugging Face snapshot needs for our converters and keras-hub's: configs, vocabularies, weights.
+HF_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "pytorch_model*.bin"]
 
 
 def cache_dir():
@@ -62,8 +70,28 @@ def names(kind):
     return sorted(name for name, preset in PRESETS.items() if preset.kind == kind)
 
 
+def resolve(preset):
+    """The local directory of an "hf://" preset (downloaded once into the Hugging Face cache), else `preset`.
+
+    Downloading the folder first lets our converters read model types keras-hub does not know
+    (CLIP, VisionTextDualEncoder) and keras-hub read the rest from the same local copy.
+    """
+    if not preset.startswith("hf://"):
+        return preset
+    host = _remote_host(preset)
+    if host is not None and not _reachable(host):
+        raise ConnectionError(
+            f"cannot reach {host} to download {preset!r}: you seem to be offline. Pass a local directory, or set "
+            "HF_HUB_OFFLINE=1 to use your Hugging Face cache"
+        )
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(preset[len("hf://"):], allow_patterns=HF_PATTERNS)
+
+
 def load_preset(kind, preset, **kwargs):
     """Builds an encoder of `kind` ("image" or "text") from a preset name, URI or local directory."""
+    preset = resolve(preset)
     if preset in PRESETS:
         entry = PRESETS[preset]
         if entry.kind != kind:
