@@ -87,7 +87,7 @@ class Registry:
                 except Exception as error:  # a plugin may fail in any way; report it, keep the others
                     self._import_failures[name] = f"failed to import ({type(error).__name__}: {error})"
 
-    def _collect(self):
+    def _collect(self, warn=True):
         """Runs every plugin's hook on its own; returns specs by name, owners by name and problems by plugin."""
         self._import_plugins()
         problems = {name: [reason] for name, reason in self._import_failures.items()}
@@ -119,7 +119,7 @@ class Registry:
                 del specs[name]
                 for plugin in sorted(set(plugins)):
                     problems.setdefault(plugin, []).append(_duplicate_message(name, plugins))
-        for plugin, reasons in problems.items():
+        for plugin, reasons in problems.items() if warn else ():
             # Python's warning filters show each message once per calling line, not on every call.
             message = f"keras-clip-it plugin {plugin!r} is broken, the other plugins still work: {'; '.join(reasons)}"
             warnings.warn(message, PluginWarning, stacklevel=3)
@@ -139,7 +139,7 @@ class Registry:
 
     def broken(self):
         """The plugins that failed, as {plugin name: what went wrong}; empty when all is well."""
-        return self._collect()[2]
+        return self._collect(warn=False)[2]
 
     def details(self, name):
         """One registered collection's details, as `available(details=True)` lists them."""

@@ -14,7 +14,8 @@ import warnings
 from typing import NamedTuple
 
 from keras_clip_it.collections import RawPair
-from keras_clip_it.collections.registry import add_pairs
+from keras_clip_it.collections import storage
+from keras_clip_it.collections.registry import prepare_pairs
 
 from keras_clip_it_news.feeds import FeedError
 from keras_clip_it_news.feeds import parse_feed
@@ -155,13 +156,16 @@ def news_pairs(source, now=None):
 
 
 def update(collection, source, now=None, image_encoder=None, text_encoder=None, batch_size=32):
-    """Brings a news collection up to date in place: adds new items, removes those older than the window.
+    """Brings a news collection up to date: adds new items, removes those older than the window.
 
     Only the new items are embedded. If the collection already holds embeddings, pass the encoders that
-    made them (their fingerprints must match), so the new rows are embedded the same way.
+    made them (their fingerprints must match), so the new rows are embedded the same way. A stored
+    collection (a URI) is changed incrementally, with one new segment and one tombstone segment, not
+    rewritten.
 
     Args:
-        collection: an `AnalogyCollection` built from this source (`kci.collections.load("news-it")`).
+        collection: an `AnalogyCollection` built from this source (`kci.collections.load("news-it")`), or
+            the fsspec URI / path of one stored with `kci.collections.storage.save_collection`.
         source: a `NewsSource` or the name of a configured one.
         now: timezone-aware datetime (default: now, UTC).
         image_encoder: the image encoder of the collection's image embeddings, if it has any.
@@ -172,12 +176,15 @@ def update(collection, source, now=None, image_encoder=None, text_encoder=None, 
         An `UpdateReport` with the ids added and removed.
 
     Example:
-    >>> report = update(col, "news-it")   # doctest: +SKIP
+    >>> report = update("/data/news-it", "news-it", image_encoder=img, text_encoder=txt)   # doctest: +SKIP
     >>> len(report.added), len(report.removed)   # doctest: +SKIP
     (12, 9)
     """
     source = source_named(source) if isinstance(source, str) else source
     now = now or datetime.datetime.now(datetime.timezone.utc)
+    uri = os.fspath(collection) if isinstance(collection, (str, os.PathLike)) else None
+    if uri is not None:
+        collection = storage.open_collection(uri)
     cutoff = now - source.window
     present = set(collection.ids)
     stale = [
@@ -186,11 +193,19 @@ def update(collection, source, now=None, image_encoder=None, text_encoder=None, 
         if "published" in metadata and datetime.datetime.fromisoformat(metadata["published"]) < cutoff
     ]
     fresh = [pair for pair in news_pairs(source, now) if pair.id not in present]
-    # Adding first: it embeds before changing anything, so a failing encoder leaves the collection as it was.
-    added = add_pairs(collection, fresh, image_encoder, text_encoder, batch_size)
-    if stale:
-        collection.remove(stale)
-    return UpdateReport(added=added, removed=stale)
+    # Everything is embedded before anything changes, so a failing encoder leaves the collection as it was.
+    columns = prepare_pairs(collection.name, collection.fingerprints, fresh, image_encoder, text_encoder, batch_size)
+    if uri is None:
+        if columns["ids"]:
+            collection.add(**columns)
+        if stale:
+            collection.remove(stale)
+    else:
+        if columns["ids"]:
+            storage.append(uri, **columns)
+        if stale:
+            storage.remove(uri, stale)
+    return UpdateReport(added=columns["ids"], removed=stale)
 
 
 def _local_image(location):

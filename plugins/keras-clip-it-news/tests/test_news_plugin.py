@@ -93,6 +93,22 @@ def test_update_adds_new_items_and_removes_old_ones(fixture_path):
     assert update(collection, _source(fixture_path("rss_day2.xml")), now=DAY2) == ([], [])
 
 
+def test_update_of_a_stored_collection_writes_segments_not_a_copy(tmp_path, fixture_path):
+    from keras_clip_it.collections import storage
+
+    uri = str(tmp_path / "news-test")
+    collection = kci.collections.AnalogyCollection(name="news-test", language="it")
+    update(collection, _source(fixture_path("rss_day1.xml")), now=DAY1)
+    collection.embed(text_encoder=Letters())
+    storage.save_collection(collection, uri)
+    report = update(uri, _source(fixture_path("rss_day2.xml")), now=DAY2, text_encoder=Letters())
+    assert report == (["art-primavera"], ["https://example.org/articoli/neve"])
+    stored = storage.open_collection(uri)
+    assert stored.ids == ["art-piazza", "art-primavera"]
+    np.testing.assert_allclose(stored.embeddings("text", Letters.fingerprint), Letters().embed(stored.captions), atol=1e-6)
+    assert storage.info(uri)["counts"]["segments"] == 3  # the first, the new items, the tombstones
+
+
 class MeanColour:
     """A small real image encoder for tests: the mean RGB colour, L2-normalised."""
 
