@@ -304,7 +304,8 @@ class DualEncoder(keras.Model):
             self.jax_state_sync()
 
     def _refresh_training(self):
-        if self.optimizer is not None and self.optimizer.built:
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and optimizer.built:
             self.optimizer = self._fresh_optimizer()
         if self.train_function is not None:
             self.make_train_function(force=True)
