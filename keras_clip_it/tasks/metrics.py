@@ -74,12 +74,12 @@ def mrr_at_k(similarity, positives, k):
     return float(np.mean(np.where(r <= k, 1.0 / r, 0.0)))
 
 
-def retrieval_metrics(image_embeddings, text_embeddings, image_of_text, ks=(1, 5, 10)):
-    """Image-to-text and text-to-image metrics with readable names, for paired embeddings.
+def retrieval_metrics(similarity, image_of_text, ks=(1, 5, 10)):
+    """Image-to-text and text-to-image metrics with readable names, from an image-text similarity matrix.
 
     Args:
-        image_embeddings: float (I, D), L2-normalised.
-        text_embeddings: float (T, D), L2-normalised, in the same space.
+        similarity: float (I, T) scores of every image against every text (for a DualEncoder the inner
+            products of its embeddings, for ASIF of its relative representations).
         image_of_text: int (T,): the image each text describes (several texts may share one image).
         ks: the cut-offs reported.
 
@@ -87,8 +87,10 @@ def retrieval_metrics(image_embeddings, text_embeddings, image_of_text, ks=(1, 5
         dict like {"image_to_text_R@1": ..., "text_to_image_R@10": ..., "image_to_text_mean_rank": ...,
         "text_to_image_MRR@10": ...}.
     """
+    similarity = np.asarray(similarity, np.float32)
     image_of_text = np.asarray(image_of_text, np.int64)
-    similarity = np.asarray(image_embeddings, np.float32) @ np.asarray(text_embeddings, np.float32).T
+    if similarity.ndim != 2 or similarity.shape[1] != len(image_of_text):
+        raise ValueError(f"similarity {similarity.shape} must be (images, {len(image_of_text)} texts)")
     texts_of_image = [[] for _ in range(similarity.shape[0])]
     for text, image in enumerate(image_of_text):
         texts_of_image[image].append(text)

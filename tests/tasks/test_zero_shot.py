@@ -105,3 +105,15 @@ def test_bad_labels_and_aggregates():
         kci.ZeroShotClassifier(DenseModel(), [])
     with pytest.raises(ValueError, match="aggregate"):
         kci.ZeroShotClassifier(DenseModel(), COLOURS, aggregate="median")
+
+
+def test_evaluate_reports_retrieval_and_zero_shot():
+    results = kci.evaluate(DenseModel(), solids(), captions=["a red one", "a green one", "a blue one"],
+                           labels=COLOURS, true_labels=COLOURS, templates="en-short")
+    assert results["image_to_text_R@1"] == 1.0 and results["text_to_image_R@1"] == 1.0
+    assert results["zero_shot_top1"] == 1.0 and "zero_shot_top5" not in results
+    several = kci.evaluate(DenseModel(), solids(), captions=["red", "green", "blue", "really red"],
+                           image_of_text=[0, 1, 2, 0])
+    assert several["text_to_image_R@1"] == 1.0
+    with pytest.raises(ValueError, match="true_labels"):
+        kci.evaluate(DenseModel(), solids(), labels=COLOURS)
