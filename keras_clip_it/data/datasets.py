@@ -160,7 +160,9 @@ def _fashion_mnist_arrays(split, location):
     if x.shape[1:] != (28, 28):
         raise ValueError(f"{images_name} in {location!r} holds {x.shape[1:]} images, not 28x28: is it Fashion-MNIST?")
     if len(x) != len(y):
-        raise ValueError(f"{location!r} has {len(x)} {split} images but {len(y)} labels: the files do not belong together")
+        raise ValueError(
+            f"{location!r} has {len(x)} {split} images but {len(y)} labels: the files do not belong together"
+        )
     if y.size and y.max() >= len(FASHION_MNIST_CLASS_NAMES["en"]):
         raise ValueError(f"{labels_name} in {location!r} has label {y.max()}, Fashion-MNIST labels are 0..9")
     return x, y.astype(np.int64)
