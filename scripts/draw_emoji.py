@@ -105,7 +105,7 @@ def draw(font, chars):
         return None
     width = math.ceil(single_advance)
     canvas = Image.new("RGBA", (width, width), (255, 255, 255, 0))
-    left, top, right, bottom = font.getbbox(chars)
+    _, top, _, bottom = font.getbbox(chars)
     ImageDraw.Draw(canvas).text((0, (width - (bottom - top)) // 2 - top), chars, font=font, embedded_color=True)
     if int((np.asarray(canvas)[..., 3] > 0).sum()) < MIN_INK_PIXELS:
         return None
