@@ -96,6 +96,35 @@ def test_emoji_pairs_rejects_unknown_lang_and_split(kwargs):
         datasets.emoji_pairs(**kwargs)
 
 
+@pytest.fixture
+def damaged_install(tmp_path, monkeypatch):
+    """A copy of the embedded files that a test may damage, with the decoded-data cache bypassed."""
+    for name in os.listdir(datasets.EMBEDDED_DIR):
+        shutil.copy(os.path.join(datasets.EMBEDDED_DIR, name), tmp_path)
+    monkeypatch.setattr(datasets, "EMBEDDED_DIR", str(tmp_path))
+    monkeypatch.setattr(datasets, "EMOJI_MANIFEST", str(tmp_path / "emoji.json"))
+    datasets._emoji_data.cache_clear()
+    yield tmp_path
+    datasets._emoji_data.cache_clear()
+
+
+def test_a_damaged_emoji_sheet_or_missing_avif_support_is_a_clear_error(damaged_install, monkeypatch):
+    sheet = damaged_install / "emoji_128.avif"
+    data = sheet.read_bytes()
+    sheet.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="does not match its checksum: .*reinstall keras-clip-it"):
+        datasets.emoji_pairs()
+    sheet.unlink()
+    with pytest.raises(FileNotFoundError, match="emoji_128.avif' is missing: .*reinstall"):
+        datasets.emoji_pairs()
+    sheet.write_bytes(data)
+    from PIL import features
+
+    monkeypatch.setattr(features, "check", lambda feature: feature != "avif")
+    with pytest.raises(RuntimeError, match="cannot decode AVIF.*Pillow >= 11.3"):
+        datasets.emoji_pairs()
+
+
 def test_embedded_files_fit_the_budget_and_carry_their_licences():
     names = os.listdir(datasets.EMBEDDED_DIR)
     sizes = {name: os.path.getsize(os.path.join(datasets.EMBEDDED_DIR, name)) for name in names}
