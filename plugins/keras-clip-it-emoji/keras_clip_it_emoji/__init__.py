@@ -40,7 +40,7 @@ def register_collections(register):
                 language=language,
                 pairs=lambda language=language: emoji_pairs(language),
                 description=f"Emoji images with their {name} names, embedded in keras-clip-it (no download)",
-                source="keras_clip_it.datasets.emoji_pairs",
-                licence="see keras_clip_it.datasets.emoji_pairs",
+                source="keras_clip_it.datasets.emoji_pairs: Noto Color Emoji drawings, names from CLDR via `emoji`",
+                licence="images Apache-2.0 (noto-emoji, font OFL-1.1); names BSD-3-Clause and Unicode License v3",
             )
         )
