@@ -131,6 +131,10 @@ class Registry:
         Args:
             details: bool; if True, returns a list of dicts (name, language, description, source, licence,
                 plugin) instead of names.
+
+        Example:
+        >>> kci.collections.available()  # doctest: +SKIP
+        ['emoji-en', 'emoji-it', 'fashion-en', 'fashion-it', 'news-it']
         """
         specs, owners, _ = self._collect()
         if not details:
@@ -157,6 +161,14 @@ class Registry:
         that uses it embeds it with its own encoders (`col.embed(...)`). Pixel arrays a plugin yields are
         written once as PNG files under the cache folder, so every pair has an image reference that can
         be re-read, saved with the collection and embedded by any encoder later.
+
+        Args:
+            name_or_uri: str or os.PathLike: a registered name, or where `storage.save_collection` wrote one
+                ("/data/films-it", "file:///...", "memory://...", "s3://...").
+
+        Example:
+        >>> col = kci.collections.load("emoji-it")  # doctest: +SKIP
+        >>> col.embed(image_encoder=img, text_encoder=txt)  # doctest: +SKIP
         """
         if not isinstance(name_or_uri, (str, os.PathLike)):
             raise TypeError(f"load() takes a collection name or a URI, got {type(name_or_uri).__name__}")
