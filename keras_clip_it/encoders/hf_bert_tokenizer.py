@@ -52,8 +52,8 @@ class HFBertTokenizer(BertTokenizer):
 
     Example:
     >>> tokenizer = HFBertTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "il", "caffe", "!"])
-    >>> tokenizer(["Il caffè!"]).to_list()
-    [[5, 6, 7]]
+    >>> [[int(i) for i in ids] for ids in tokenizer(["Il caffè!", "ÈCCO [SEP]"])]
+    [[5, 6, 7], [1, 3]]
     """
 
     def __init__(
