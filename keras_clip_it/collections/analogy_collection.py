@@ -202,6 +202,19 @@ class AnalogyCollection:
         self._embeddings[key] = array
         self.version += 1
 
+    def save(self, uri, dtype="float32"):
+        """Writes the collection to a directory at any fsspec URI (see `keras_clip_it.collections.storage`).
+
+        Open it again with `kci.collections.load(uri)`.
+
+        Args:
+            uri: str or os.PathLike, e.g. "/data/films-it", "memory://films-it", "s3://bucket/films-it".
+            dtype: "float32", "float16" or "int8" (per-row scales): how embeddings are stored.
+        """
+        from keras_clip_it.collections import storage
+
+        return storage.save_collection(self, uri, dtype=dtype)
+
     def embed(self, image_encoder=None, text_encoder=None, images=None, batch_size=32):
         """Computes the embeddings this collection lacks for the given encoders.
 
