@@ -722,17 +722,24 @@ def _write_rows_segment(location, name, columns, encoders, arrays):
 
 def _jsonl(values, column, ids=None):
     """One JSON value per line; strict JSON (no NaN) so that any reader can parse it."""
-    lines = []
-    for row, value in enumerate(values):
-        try:
-            lines.append(json.dumps(value, ensure_ascii=False, allow_nan=False))
-        except (TypeError, ValueError) as error:
-            where = f"pair {ids[row]!r}" if ids is not None else f"row {row}"
-            raise TypeError(
-                f"{column} of {where} cannot be stored as JSON ({error}): use str, int, float, bool, None, "
-                "lists and dicts"
-            ) from None
+    try:
+        lines = list(map(_JSON.encode, values))
+    except (TypeError, ValueError):
+        for row, value in enumerate(values):
+            try:
+                _JSON.encode(value)
+            except (TypeError, ValueError) as error:
+                where = f"pair {ids[row]!r}" if ids is not None else f"row {row}"
+                raise TypeError(
+                    f"{column} of {where} cannot be stored as JSON ({error}): use str, int, float, bool, None, "
+                    "lists and dicts"
+                ) from None
+        raise
     return ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
+
+
+# One encoder for every value: json.dumps would rebuild it per call, which dominates for 1M short values.
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(", ", ": "))
 
 
 def _npy_chunks(array):
@@ -898,7 +905,7 @@ def _load_segments(location, manifest, last, verify, embeddings):
         if len(new) != n or not row_of.keys().isdisjoint(new):
             repeated = sorted(_repeated(values["ids"]) | (row_of.keys() & new.keys()))
             raise corrupt(segment["files"]["ids"]["path"], f"repeats ids that are already alive: {_preview(repeated)}")
-        if not all(isinstance(i, str) for i in values["ids"]):
+        if not set(map(type, values["ids"])) <= {str}:
             raise corrupt(segment["files"]["ids"]["path"], "holds ids that are not strings")
         row_of.update(new)
         for column in columns:

@@ -1,0 +1,339 @@
+"""Changing the analogy collection behind ASIF: swap, add, remove, in memory and on disk, against a rebuild.
+
+Random unit embeddings stand for precomputed pairs (the encoders are not run: only their fingerprints and
+dims matter here), stored as .npy files as an embedding job would leave them. All in one run:
+
+  rebuild       from scratch: a new AnalogyCollection from the 1M precomputed pairs, ASIF over it, and the
+                first query answered (the anchor index is built lazily on it). The reference for every ratio.
+  add / remove  asif.add / asif.remove of 10k precomputed pairs in the 1M-anchor collection, then the first
+                query after the change (which rebuilds the anchor index for the new version).
+  swap          asif.use(other) between two 1M-anchor collections opened from disk (memory-mapped), then the
+                first query after the swap.
+  durable       storage.append / storage.remove of 10k pairs in the stored 1M collection, against
+                save_collection of the whole collection; open_collection with and without checksums; compact.
+
+Peak memory is the process's peak resident set during each step (Linux VmHWM, reset before each step);
+it includes memory-mapped file pages the step touched. Results go to benchmarks/results/collections.json
+and collections.md.
+
+    python benchmarks/collections.py                  # 1M anchors, D = 384 (about 5 minutes)
+    python benchmarks/collections.py --dims 1280      # image side at EfficientNet-Lite0's 1280 dims
+    python benchmarks/collections.py --anchors 100000 # a quick run
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+
+from keras_clip_it.collections import AnalogyCollection  # noqa: E402
+from keras_clip_it.collections import storage  # noqa: E402
+from keras_clip_it.models.asif import ASIF  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+CHANGE = 10_000
+TEXT_DIMS = 384
+
+
+class PrecomputedEncoder:
+    """Names the encoder that produced precomputed embeddings: ASIF reads its fingerprint and dims only."""
+
+    def __init__(self, fingerprint, embedding_dim):
+        self.fingerprint = fingerprint
+        self.embedding_dim = embedding_dim
+
+    def embed(self, *args, **kwargs):
+        raise RuntimeError("this benchmark passes precomputed embeddings; no encoder runs")
+
+
+def random_unit_file(path, count, dim, seed):
+    """Random unit rows written to an .npy file in chunks (never the whole array in RAM)."""
+    rng = np.random.default_rng(seed)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(count, dim))
+    for start in range(0, count, 100_000):
+        part = rng.standard_normal((min(100_000, count - start), dim), dtype=np.float32)
+        out[start : start + len(part)] = part / np.linalg.norm(part, axis=1, keepdims=True)
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r")
+
+
+def random_unit(count, dim, seed):
+    rng = np.random.default_rng(seed)
+    part = rng.standard_normal((count, dim), dtype=np.float32)
+    return part / np.linalg.norm(part, axis=1, keepdims=True)
+
+
+class Peak:
+    """Times a step and records the peak resident memory reached during it (Linux /proc, else None)."""
+
+    def __enter__(self):
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        self.peak_mb = None
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        self.peak_mb = round(int(line.split()[1]) / 1024)
+        except OSError:
+            pass
+
+
+class Pairs:
+    """Precomputed pairs: ids, captions and (memory-mapped) embeddings, shaped like a collection for saving."""
+
+    def __init__(self, name, prefix, image, text, image_fp, text_fp):
+        self.name, self.language = name, "it"
+        self.ids = [f"{prefix}{i}" for i in range(len(image))]
+        self.captions = [f"didascalia {i}" for i in range(len(image))]
+        self.image_refs = [None] * len(image)
+        self.metadata = [{}] * len(image)
+        self.fingerprints = {"image": [image_fp], "text": [text_fp]}
+        self._arrays = {image_fp: image, text_fp: text}
+
+    def embeddings(self, kind, fingerprint):
+        return self._arrays[fingerprint]
+
+
+def first_query(asif, query):
+    """One image query's relative representation: needs the image-side anchor index of the current version."""
+    asif.encode_images(embeddings=query)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--anchors", type=int, default=1_000_000, help="pairs per collection")
+    parser.add_argument("--dims", type=int, default=384, help="image embedding dims (text: 384)")
+    parser.add_argument("--repeats", type=int, default=2, help="repeats of each change (median reported)")
+    parser.add_argument("--workdir", default=None, help="where the temporary collections go (default: a temp dir)")
+    args = parser.parse_args()
+    n, dims = args.anchors, args.dims
+    work = tempfile.mkdtemp(prefix="kci-collections-bench-", dir=args.workdir)
+    image_encoder = PrecomputedEncoder("bench-image", dims)
+    text_encoder = PrecomputedEncoder("bench-text", TEXT_DIMS)
+    fps = (image_encoder.fingerprint, text_encoder.fingerprint)
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}",
+        "anchors": n,
+        "image_dims": dims,
+        "text_dims": TEXT_DIMS,
+        "change": CHANGE,
+        "repeats": args.repeats,
+        "steps": {},
+    }
+    steps = results["steps"]
+
+    def record(name, peak, **extra):
+        steps[name] = {"seconds": round(peak.seconds, 4), "peak_rss_mb": peak.peak_mb, **extra}
+        print(json.dumps({name: steps[name]}), flush=True)
+
+    try:
+        print(f"writing 2 x {n:,} precomputed pairs to {work}", flush=True)
+        pairs_a = Pairs(
+            "bench-a", "a", random_unit_file(f"{work}/a_image.npy", n, dims, 1),
+            random_unit_file(f"{work}/a_text.npy", n, TEXT_DIMS, 2), *fps,
+        )
+        pairs_b = Pairs(
+            "bench-b", "b", random_unit_file(f"{work}/b_image.npy", n, dims, 3),
+            random_unit_file(f"{work}/b_text.npy", n, TEXT_DIMS, 4), *fps,
+        )
+        query = random_unit(1, dims, 5)
+        extra = {
+            "ids": [f"new{i}" for i in range(CHANGE)],
+            "captions": [f"nuova {i}" for i in range(CHANGE)],
+            "image": random_unit(CHANGE, dims, 6),
+            "text": random_unit(CHANGE, TEXT_DIMS, 7),
+        }
+
+        # === Rebuild from scratch (the reference) ===
+        with Peak() as peak:
+            collection = AnalogyCollection(name="bench-a", language="it")
+            collection.add(
+                pairs_a.ids,
+                captions=pairs_a.captions,
+                embeddings={kind: {fp: pairs_a.embeddings(kind, fp)} for kind, fp in zip(("image", "text"), fps)},
+            )
+            asif = ASIF(image_encoder, text_encoder, collection=collection)
+            first_query(asif, query)
+        record("rebuild", peak)
+        rebuild = peak.seconds
+
+        # === In-memory add / remove through ASIF ===
+        timings = {"add": [], "add_then_query": [], "remove": [], "remove_then_query": []}
+        for _ in range(args.repeats):
+            with Peak() as add:
+                asif.add(
+                    extra["ids"], captions=extra["captions"],
+                    image_embeddings=extra["image"], text_embeddings=extra["text"],
+                )
+            with Peak() as query_after_add:
+                first_query(asif, query)
+            with Peak() as remove:
+                asif.remove(extra["ids"])
+            with Peak() as query_after_remove:
+                first_query(asif, query)
+            timings["add"].append(add)
+            timings["add_then_query"].append(query_after_add)
+            timings["remove"].append(remove)
+            timings["remove_then_query"].append(query_after_remove)
+        for name, peaks in timings.items():
+            seconds = statistics.median(p.seconds for p in peaks)
+            steps[f"asif_{name}"] = {
+                "seconds": round(seconds, 4),
+                "peak_rss_mb": max(p.peak_mb or 0 for p in peaks) or None,
+                "rebuild_over_this": round(rebuild / seconds, 1),
+            }
+            print(json.dumps({f"asif_{name}": steps[f"asif_{name}"]}), flush=True)
+
+        # === Durable changes ===
+        stored_a, stored_b = f"{work}/stored_a", f"{work}/stored_b"
+        with Peak() as peak:
+            storage.save_collection(collection, stored_a)
+        record("save_whole", peak)
+        save = peak.seconds
+        del asif, collection
+        gc.collect()
+        embeddings = {"image": {fps[0]: extra["image"]}, "text": {fps[1]: extra["text"]}}
+        appends, removes = [], []
+        for _ in range(args.repeats):
+            with Peak() as append:
+                storage.append(stored_a, extra["ids"], captions=extra["captions"], embeddings=embeddings)
+            with Peak() as remove:
+                storage.remove(stored_a, extra["ids"])
+            appends.append(append)
+            removes.append(remove)
+        for name, peaks in (("stored_append", appends), ("stored_remove", removes)):
+            seconds = statistics.median(p.seconds for p in peaks)
+            steps[name] = {
+                "seconds": round(seconds, 4),
+                "peak_rss_mb": max(p.peak_mb or 0 for p in peaks) or None,
+                "save_whole_over_this": round(save / seconds, 1),
+            }
+            print(json.dumps({name: steps[name]}), flush=True)
+        for verify in (False, True):
+            with Peak() as peak:
+                opened = storage.open_collection(stored_a, verify=verify)
+            assert len(opened) == n
+            record(f"open_segments_{'verified' if verify else 'sizes_only'}", peak)
+            del opened
+        with Peak() as peak:
+            storage.compact(stored_a)
+        record("compact", peak, segments_before=2 * args.repeats + 1)
+        with Peak() as peak:
+            storage.save_collection(pairs_b, stored_b)
+        record("save_whole_b", peak)
+
+        # === Swap between two stored 1M collections ===
+        with Peak() as peak:
+            collection_a = storage.open_collection(stored_a, verify=False)
+            collection_b = storage.open_collection(stored_b, verify=False)
+        record("open_two_memory_mapped", peak)
+        asif = ASIF(image_encoder, text_encoder, collection=collection_a)
+        first_query(asif, query)
+        uses, swaps = [], []
+        for _ in range(args.repeats):
+            for target in (collection_b, collection_a):
+                with Peak() as use:
+                    asif.use(target)
+                with Peak() as query_after:
+                    first_query(asif, query)
+                uses.append(use)
+                swaps.append((use, query_after))
+        seconds = statistics.median(p.seconds for p in uses)
+        steps["swap_use"] = {
+            "seconds": round(seconds, 6),
+            "peak_rss_mb": max(p.peak_mb or 0 for p in uses) or None,
+            "rebuild_over_this": round(rebuild / seconds, 1),
+        }
+        seconds = statistics.median(u.seconds + q.seconds for u, q in swaps)
+        steps["swap_then_query"] = {
+            "seconds": round(seconds, 4),
+            "peak_rss_mb": max(max(u.peak_mb or 0, q.peak_mb or 0) for u, q in swaps) or None,
+            "rebuild_over_this": round(rebuild / seconds, 1),
+        }
+        print(json.dumps({k: steps[k] for k in ("swap_use", "swap_then_query")}), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    results["targets"] = {
+        "add_10k_le_50ms": steps["asif_add"]["seconds"] <= 0.05,
+        "remove_10k_le_50ms": steps["asif_remove"]["seconds"] <= 0.05,
+        "add_remove_ge_100x_rebuild": min(steps["asif_add"]["rebuild_over_this"], steps["asif_remove"]["rebuild_over_this"]) >= 100,
+        "swap_le_0.5s": steps["swap_use"]["seconds"] <= 0.5,
+        "swap_then_first_query_le_0.5s": steps["swap_then_query"]["seconds"] <= 0.5,
+    }
+    os.makedirs(RESULTS, exist_ok=True)
+    name = "collections" if n == 1_000_000 and dims == 384 else f"collections_{n}_{dims}"
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    table = markdown(results)
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+        f.write(table)
+    print(table)
+
+
+DESCRIPTIONS = {
+    "rebuild": "rebuild from scratch: collection from precomputed pairs + ASIF + first query",
+    "asif_add": "asif.add 10k precomputed pairs",
+    "asif_add_then_query": "first query after the add (anchor index refreshed)",
+    "asif_remove": "asif.remove 10k pairs",
+    "asif_remove_then_query": "first query after the remove (anchor index refreshed)",
+    "save_whole": "storage.save_collection of the whole collection (durable rebuild)",
+    "stored_append": "storage.append 10k pairs (new segment + manifest, fsynced)",
+    "stored_remove": "storage.remove 10k pairs (tombstone segment + manifest, fsynced)",
+    "open_segments_sizes_only": "open_collection, segments + tombstones, sizes/shapes checked",
+    "open_segments_verified": "open_collection, segments + tombstones, sha256 verified",
+    "compact": "storage.compact into one segment",
+    "save_whole_b": "storage.save_collection of the second collection (from memory-mapped arrays)",
+    "open_two_memory_mapped": "open both compacted collections (memory-mapped, sizes checked)",
+    "swap_use": "asif.use(other 1M collection)",
+    "swap_then_query": "asif.use(other) + first query (anchor index built for it)",
+}
+
+
+def markdown(results):
+    lines = [
+        "# Analogy collection changes vs. rebuild "
+        f"({results['machine']}; {results['anchors']:,} anchors, image {results['image_dims']}-d, "
+        f"text {results['text_dims']}-d)",
+        "",
+        f"Changes of {results['change']:,} pairs; median of {results['repeats']} repeats; ratio = reference "
+        "time / this step's time, measured in the same run (reference: the rebuild for in-memory steps, "
+        "save_collection of the whole collection for durable ones).",
+        "",
+        "| step | seconds | ratio | peak RSS (MB) |",
+        "|---|---|---|---|",
+    ]
+    for name, step in results["steps"].items():
+        ratio = step.get("rebuild_over_this", step.get("save_whole_over_this"))
+        lines.append(
+            f"| {DESCRIPTIONS[name]} | {step['seconds']:.4f} | {f'{ratio:,}x' if ratio else ''} | {step['peak_rss_mb']} |"
+        )
+    lines += ["", "| target | met |", "|---|---|"]
+    lines += [f"| {name} | {'yes' if met else 'no'} |" for name, met in results["targets"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
