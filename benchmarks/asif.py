@@ -129,22 +129,31 @@ def throughput(count, dim, queries_count, repeats):
 
 
 def compression(count, dim, queries_count):
+    """Bytes per anchor and agreement with float32, for random queries and for queries near an anchor.
+
+    Random queries against random anchors are the worst case for top-1 agreement: the best and second
+    best anchors differ by ~0.005 in cosine, about 20 int8 rounding errors. Queries near an anchor
+    (cosine ~0.7, as a photo is near its duplicate in a collection) show the common case.
+    """
     anchors = random_unit(count, dim, seed=7 + dim)
-    queries = random_unit(queries_count, dim, seed=2)
+    rng = np.random.default_rng(3)
+    query_sets = {
+        "random": random_unit(queries_count, dim, seed=2),
+        "near_anchor": anchors[rng.choice(count, queries_count, replace=False)] + random_unit(queries_count, dim, seed=4),
+    }
     full = AnchorIndex(anchors)
-    want_values, want_rows = full.topk(queries, K)
     row = {"anchors": count, "dim": dim, "queries": queries_count}
-    for dtype in ("float32", "float16", "int8"):
-        index = full if dtype == "float32" else AnchorIndex(anchors, dtype=dtype)
-        values, rows = index.topk(queries, K)
-        overlap = np.mean([len(np.intersect1d(a, b)) / K for a, b in zip(rows, want_rows)])
-        row[dtype] = {
-            "bytes_per_anchor": index.nbytes / count,
-            "bytes_vs_float32": index.nbytes / full.nbytes,
-            "top1_agreement": float(np.mean(rows[:, 0] == want_rows[:, 0])),
-            "topk_overlap": float(overlap),
-            "max_abs_score_error": float(np.abs(values - want_values).max()),
-        }
+    indexes = {"float32": full, "float16": AnchorIndex(anchors, dtype="float16"), "int8": AnchorIndex(anchors, dtype="int8")}
+    for name, queries in query_sets.items():
+        queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+        want_values, want_rows = full.topk(queries, K)
+        for dtype, index in indexes.items():
+            values, rows = index.topk(queries, K)
+            overlap = np.mean([len(np.intersect1d(a, b)) / K for a, b in zip(rows, want_rows)])
+            entry = row.setdefault(dtype, {"bytes_per_anchor": index.nbytes / count, "bytes_vs_float32": index.nbytes / full.nbytes})
+            entry[f"top1_agreement_{name}"] = float(np.mean(rows[:, 0] == want_rows[:, 0]))
+            entry[f"topk_overlap_{name}"] = float(overlap)
+            entry[f"max_abs_score_error_{name}"] = float(np.abs(values - want_values).max())
     return row
 
 
@@ -168,7 +177,8 @@ def markdown(results):
         )
     lines += [
         "",
-        "| anchors | D | dtype | bytes/anchor | vs float32 | top-1 agreement | top-k overlap | max score error |",
+        "| anchors | D | dtype | bytes/anchor | vs float32 | top-1 agreement (random / near-anchor queries) "
+        "| top-k overlap (random) | max score error (random) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["compression"]:
@@ -176,7 +186,8 @@ def markdown(results):
             c = r[dtype]
             lines.append(
                 f"| {r['anchors']:,} | {r['dim']} | {dtype} | {c['bytes_per_anchor']:.0f} | {c['bytes_vs_float32']:.3f} "
-                f"| {c['top1_agreement']:.3f} | {c['topk_overlap']:.3f} | {c['max_abs_score_error']:.1e} |"
+                f"| {c['top1_agreement_random']:.3f} / {c['top1_agreement_near_anchor']:.3f} "
+                f"| {c['topk_overlap_random']:.3f} | {c['max_abs_score_error_random']:.1e} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -189,7 +200,7 @@ def main():
     if args.quick:
         sizes, dims, queries, repeats = (20_000, 100_000), (384,), args.queries or 32, 2
     else:
-        sizes, dims, queries, repeats = (100_000, 1_000_000), (1280, 384), args.queries or 256, 2
+        sizes, dims, queries, repeats = (100_000, 1_000_000), (1280, 384), args.queries or 256, 1
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}",
         "repeats": repeats,
