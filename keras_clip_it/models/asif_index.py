@@ -196,7 +196,10 @@ class AnchorIndex:
             _, _, offset, valid = self._blocks[number]
             if rows is None:
                 values, group_max = (np.asarray(v) for v in values)
-                if best_values.shape[1] == kept:
+                # Comparing pays once few entries pass: the floor keeps ~2 kept / N of them, the
+                # running k-th value kept / (anchors seen).
+                passing = min(kept / offset if offset else 1.0, 2 * kept / self.size if optimistic else 1.0)
+                if best_values.shape[1] == kept and passing < 0.02:
                     values, rows = _above(values, group_max, np.maximum(best_values.min(axis=1), floor), valid)
                 else:
                     values = values[:, :valid]
@@ -209,8 +212,8 @@ class AnchorIndex:
                 keep = np.argpartition(-best_values, kept - 1, axis=1)[:, :kept]
                 best_values = np.take_along_axis(best_values, keep, axis=1)
                 best_rows = np.take_along_axis(best_rows, keep, axis=1)
-            if optimistic and number == 0 and best_values.shape[1] == kept and self.size > 4 * valid:
-                expected = int(np.ceil(2 * kept * valid / self.size))
+            expected = int(np.ceil(2 * kept * valid / self.size))
+            if optimistic and number == 0 and best_values.shape[1] == kept and expected <= kept // 2:
                 floor = -np.partition(-best_values, expected - 1, axis=1)[:, expected - 1]
         order = np.argsort(-best_values, axis=1, kind="stable")
         values, rows = np.take_along_axis(best_values, order, axis=1), np.take_along_axis(best_rows, order, axis=1)
