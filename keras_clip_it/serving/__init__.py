@@ -1,0 +1,21 @@
+"""Serving: TF SavedModel export (`export`) and the HTTP server (`create_app`, `keras-clip-it serve`).
+
+Imported lazily: TensorFlow (export) and FastAPI (server) load only when used.
+"""
+
+import importlib
+
+_NAMES = {
+    "export": "keras_clip_it.serving.export",
+    "create_app": "keras_clip_it.serving.server",
+}
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        return getattr(importlib.import_module(_NAMES[name]), name)
+    raise AttributeError(f"module 'keras_clip_it.serving' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(_NAMES)
