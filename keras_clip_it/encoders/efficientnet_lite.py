@@ -12,10 +12,15 @@ lukemelas/EfficientNet-PyTorch). Three details of that source fix the Keras conf
 - Inputs are normalised as (pixels - 127) / 128 ("inception-style", chosen by Google for quantisation) and
   evaluated on a centre crop of 224/256 of the shorter side, resized bicubically to 224.
 
+On JAX on CPU, `EfficientNetLiteBackbone` runs inference through convolutions rewritten as XLA:CPU
+compiles them well (see its docstring): about 1.7x faster than XLA's own depthwise convolution, with the
+same weights and results to float32 rounding.
+
 The converted weights are cached as Keras weights under `presets.cache_dir()`; the cache is checked
 (checksum, source file, conversion version) on every load and rebuilt from the `.pth` when it does not match.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +30,8 @@ import warnings
 import keras
 import keras_hub
 import numpy as np
+from keras import ops
+from keras_hub.src.models.efficientnet.mbconv import MBConvBlock
 
 from keras_clip_it.encoders import presets
 from keras_clip_it.encoders.hf_weights import CheckpointError
@@ -65,6 +72,92 @@ LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 
 
+@keras.saving.register_keras_serializable(package="keras_clip_it")
+class EfficientNetLiteBackbone(keras_hub.models.EfficientNetBackbone):
+    """keras-hub's `EfficientNetBackbone`, whose inference on JAX/CPU avoids XLA:CPU's slow convolutions.
+
+    XLA:CPU lowers a depthwise convolution (`feature_group_count` = channels) to a generic loop several
+    times slower than torch's kernel, which made the JAX encoder ~3x slower than the torch reference. Written
+    as k*k shifted multiply-adds, the same depthwise convolution fuses with its batch norm and ReLU6 into one
+    vectorised loop; a full convolution (the stem) becomes patches times a matrix. Same layers, same
+    variables, same config: only the arithmetic of inference on JAX/CPU changes (training, other backends
+    and accelerators run keras-hub's graph unchanged). Tests hold both paths to the torch reference.
+
+    Args:
+        **kwargs: the arguments of `keras_hub.models.EfficientNetBackbone`.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if training or not _jax_on_cpu():
+            return super().call(inputs, training=training, mask=mask)
+        return self._run_through_graph(inputs, operation_fn=_cpu_operation)
+
+
+def _jax_on_cpu():
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+def _cpu_operation(operation):
+    """The CPU-friendly implementation of one node of the backbone's graph (the layer itself by default)."""
+    if isinstance(operation, MBConvBlock) and not 0 < operation.se_ratio <= 1:
+        return functools.partial(_mbconv, operation)
+    if isinstance(operation, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+        return functools.partial(_convolution, operation)
+    return operation
+
+
+def _mbconv(block, inputs):
+    # MBConvBlock.call at inference (dropout is the identity), with its convolutions through `_convolution`.
+    x = inputs
+    if block.expand_ratio != 1:
+        x = block.act(block.bn1(_convolution(block.conv1, x)))
+    x = block.act(block.bn2(_convolution(block.depthwise, x)))
+    x = block.bn3(_convolution(block.output_conv, block.output_conv_pad(x)))
+    if block.strides == 1 and block.input_filters == block.output_filters and not block.nores:
+        x = x + inputs
+    return x
+
+
+def _convolution(layer, x):
+    (kernel_h, kernel_w), (stride_h, stride_w) = layer.kernel_size, layer.strides
+    plain = tuple(layer.dilation_rate) == (1, 1) and None not in x.shape[1:3]
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        if not plain or layer.depth_multiplier != 1:
+            return layer(x)
+    elif not plain or layer.groups != 1 or (kernel_h, kernel_w) == (1, 1):
+        return layer(x)  # XLA already turns 1x1 convolutions into matrix products
+    if layer.padding == "same":
+        (top, bottom), (left, right) = _same_padding(x.shape[1], kernel_h, stride_h), _same_padding(x.shape[2], kernel_w, stride_w)
+        x = ops.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+    height = (x.shape[1] - kernel_h) // stride_h + 1
+    width = (x.shape[2] - kernel_w) // stride_w + 1
+    shifted = [
+        x[:, i : i + stride_h * (height - 1) + 1 : stride_h, j : j + stride_w * (width - 1) + 1 : stride_w, :]
+        for i in range(kernel_h)
+        for j in range(kernel_w)
+    ]
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        kernel = ops.reshape(layer.kernel, (kernel_h * kernel_w, -1))
+        y = shifted[0] * kernel[0]
+        for index in range(1, len(shifted)):
+            y = y + shifted[index] * kernel[index]
+    else:
+        y = ops.matmul(ops.concatenate(shifted, axis=-1), ops.reshape(layer.kernel, (-1, layer.filters)))
+    if layer.use_bias:
+        y = y + layer.bias
+    return layer.activation(y)
+
+
+def _same_padding(size, kernel, stride):
+    """TensorFlow's "same": the padding that gives ceil(size / stride) outputs, the odd pixel after."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
 def imagenet_class_names():
     """The 1000 ImageNet-1k class names in index order, with spaces ("tiger cat", "espresso")."""
     from keras_hub.src.utils.imagenet.imagenet_utils import IMAGENET_NAMES
@@ -89,7 +182,7 @@ def build_encoder(**kwargs):
     Args:
         **kwargs: overrides of `ImageEncoder` arguments (e.g. `pooling`, `crop_pct`, `dtype`).
     """
-    backbone = keras_hub.models.EfficientNetBackbone(**LITE0_BACKBONE_CONFIG, name="efficientnet_lite0")
+    backbone = EfficientNetLiteBackbone(**LITE0_BACKBONE_CONFIG, name="efficientnet_lite0")
     options = {
         "image_size": (224, 224),
         "mean": LITE_MEAN,

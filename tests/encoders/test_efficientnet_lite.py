@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 
+import keras_hub
 import numpy as np
 import pytest
 import skimage.data
@@ -153,8 +154,13 @@ def test_same_padding_matches_on_odd_sizes(encoder, reference):
     # not: both must match the source, not only the 224 x 224 the preset uses.
     pixels = np.random.RandomState(1).randint(0, 256, (1, 225, 191, 3)).astype(np.uint8)
     want_features, _ = torch_forward(reference, pixels)
-    feature_map = encoder.backbone.predict_on_batch((pixels.astype(np.float32) - 127.0) / 128.0)
-    np.testing.assert_allclose(np.asarray(feature_map).mean(axis=(1, 2)), want_features, atol=1e-4, rtol=0)
+    images = (pixels.astype(np.float32) - 127.0) / 128.0
+    # The backbone's own inference path (rewritten convolutions on JAX/CPU) and keras-hub's graph.
+    for feature_map in (
+        encoder.backbone.predict_on_batch(images),
+        keras_hub.models.EfficientNetBackbone.call(encoder.backbone, images),
+    ):
+        np.testing.assert_allclose(np.asarray(feature_map).mean(axis=(1, 2)), want_features, atol=1e-4, rtol=0)
 
 
 def test_photos_get_their_imagenet_classes(encoder, batch):
