@@ -31,8 +31,9 @@ def _normalizer_spec(normalization):
     }
     rules = {key: value for key, value in builtin.items() if len(key) > 1 and not changed.intersection(key)}
     rules.update(table)
-    compiled = spm.SentencePieceNormalizer(norm_map=sorted(rules.items()), add_dummy_prefix=True, escape_whitespaces=True,
-                                           remove_extra_whitespaces=True)
+    compiled = spm.SentencePieceNormalizer(
+        norm_map=sorted(rules.items()), add_dummy_prefix=True, escape_whitespaces=True, remove_extra_whitespaces=True
+    )
     spec = sentencepiece_model_pb2.NormalizerSpec()
     spec.ParseFromString(compiled.serialized_normalizer_spec())
     spec.name = "nmt_nfkc"

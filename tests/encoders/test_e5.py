@@ -188,7 +188,9 @@ def test_token_ids_equal_hugging_face_unigram(tokenizer):
         normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap), normalizers.Replace(Regex(" {2,}"), " "),
     ])
     reference.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    reference.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    reference.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
     texts = TEXTS + ["caffe\u0300 e perche\u0301", "a\tb\u00a0c", "🫠🪿🫎", "ＦＵＬＬ　ｗｉｄｔｈ １２３", "ﬁne x²"]
     expected = [encoding.ids for encoding in reference.encode_batch(["query: " + text for text in texts])]
     assert model_ids(tokenizer, texts) == expected
@@ -220,7 +222,7 @@ def test_preset_is_registered_with_prefix_and_mean_pooling(encoder):
     assert encoder.embedding_dim == 384 and encoder.pooling == "mean" and encoder.prefix == "query: "
     assert encoder.sequence_length == 512
     assert encoder.backbone.layer_norm_epsilon == 1e-12
-    cached = [name for name in os.listdir(kci.encoders.presets.cache_dir()) if name.startswith("multilingual_e5_small-")]
+    cached = [name for name in os.listdir(kci.encoders.presets.cache_dir()) if name.startswith(e5.PRESET + "-")]
     assert any(name.endswith(".weights.h5") for name in cached) and any(name.endswith(".spm") for name in cached)
 
 
@@ -230,11 +232,19 @@ def test_embeddings_match_the_engine(encoder, engine, prefix):
     encoder.prefix = prefix
     try:
         ours = encoder.embed(TEXTS, batch_size=32)
+        tokens = encoder.tokenize(TEXTS)
     finally:
         encoder.prefix = "query: "
-    theirs = engine.embed(TEXTS, is_query=prefix == "query: ")
+    is_query = prefix == "query: "
+    theirs = engine.embed(TEXTS, is_query=is_query)
     cosines = np.sum(ours * theirs, axis=1)
     assert cosines.min() >= 0.995, TEXTS[int(np.argmin(cosines))]
+    # Fed the same tokens, only the engine's 8-bit activations separate the two.
+    same_tokens = np.array([
+        [int(i) for i in row[mask.astype(bool)]] == engine.token_ids(text, is_query)
+        for text, row, mask in zip(TEXTS, tokens["token_ids"], tokens["padding_mask"])
+    ])
+    assert same_tokens.sum() == 196 and cosines[same_tokens].min() >= 0.999
     # The same sentence in both languages lands closer to its translation than to the other sentences.
     italian, english = ours[:100], ours[100:]
     similarity = italian @ english.T
@@ -255,7 +265,8 @@ def test_encoder_is_trainable(encoder):
     """Gradients reach every layer: a few SGD steps pull two unrelated sentences together."""
     saved = encoder.backbone.get_weights()
     try:
-        tokens = {name: value[:, :16] for name, value in encoder.tokenize(["un gatto nero", "the stock market fell"]).items()}
+        tokens = encoder.tokenize(["un gatto nero", "the stock market fell"])
+        tokens = {name: value[:, :16] for name, value in tokens.items()}
         target = np.repeat(np.asarray(encoder.predict_on_batch(tokens))[:1], 2, axis=0)
         encoder.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), loss="mse")
         losses = [float(encoder.train_on_batch(tokens, target)) for _ in range(3)]
