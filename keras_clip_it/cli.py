@@ -8,7 +8,9 @@ import sys
 # Subcommand modules: each has register(subparsers), adding its parser with a `func(args)` default.
 COMMANDS = [
     "keras_clip_it.tasks.demo",
+    "keras_clip_it.tasks.commands",
     "keras_clip_it.collections.commands",
+    "keras_clip_it.serving.commands",
 ]
 
 

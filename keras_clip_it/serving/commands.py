@@ -1,0 +1,114 @@
+"""`keras-clip-it serve`: the HTTP server (FastAPI + uvicorn) around an ASIF or a DualEncoder.
+
+Without --model it serves the offline default ASIF: EfficientNet-Lite0 for images and
+multilingual-e5-small (--lang it) or all-MiniLM-L6-v2 (--lang en) for text, over the emoji collection
+of that language. A registered collection is embedded once per pair of encoders and kept under the
+cache folder, so later starts load its embeddings instead of recomputing them.
+"""
+
+import os
+import sys
+
+TEXT_PRESETS = {"it": "multilingual_e5_small", "en": "all_minilm_l6_v2"}
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model over HTTP (embed, classify, retrieve, live collection swaps)",
+        description="Serve an ASIF (default: EfficientNet-Lite0 + a text preset over the emoji collection) or a "
+        "saved .keras model over HTTP. Endpoints and limits: docs/serving.md; schema at /docs.",
+    )
+    parser.add_argument("--model", help="a saved .keras model (ASIF or DualEncoder) instead of the default ASIF")
+    parser.add_argument("--lang", choices=sorted(TEXT_PRESETS), default="it", help="text encoder of the default ASIF")
+    parser.add_argument(
+        "--collection",
+        action="append",
+        metavar="NAME_OR_URI",
+        help="a collection name or fsspec URI; the first is active, later ones can be activated by clients "
+        "(default for the default ASIF: emoji-LANG)",
+    )
+    parser.add_argument("--k", type=int, default=None, help="anchors per ASIF representation (default ASIF: 800)")
+    parser.add_argument("--p", type=float, default=None, help="ASIF exponent (default ASIF: 8)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--allow-uris", action="store_true", help="let clients activate collections by URI or path")
+    parser.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body, in MiB")
+    parser.add_argument("--max-batch", type=int, default=64, help="images, texts or embeddings per request")
+    parser.add_argument("--max-image-pixels", type=int, default=16_000_000, help="largest width x height of an image")
+    parser.set_defaults(func=run)
+
+
+def build_model(args):
+    """The model `serve` runs: a loaded .keras file, or the default ASIF, with its collections embedded.
+
+    Returns:
+        (model, extra collections to register).
+    """
+    import keras
+
+    import keras_clip_it as kci
+
+    names = list(args.collection or [])
+    if args.model:
+        model = keras.saving.load_model(args.model)
+        if not isinstance(model, (kci.ASIF, kci.DualEncoder)):
+            raise ValueError(f"{args.model} holds a {type(model).__name__}; serve takes an ASIF or a DualEncoder")
+        if isinstance(model, kci.DualEncoder) and names:
+            raise ValueError("a DualEncoder has no analogy collection: drop --collection")
+        for name, value in (("k", args.k), ("p", args.p)):
+            if value is not None:
+                setattr(model, name, value)
+    else:
+        image_encoder = kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
+        text_encoder = kci.TextEncoder.from_preset(TEXT_PRESETS[args.lang])
+        model = kci.ASIF(image_encoder, text_encoder, k=args.k or 800, p=args.p or 8.0)
+        names = names or [f"emoji-{args.lang}"]
+    if not isinstance(model, kci.ASIF):
+        return model, []
+    collections = [embedded_collection(name, model.image_encoder, model.text_encoder) for name in names]
+    if collections:
+        model.use(collections[0])
+    return model, collections[1:]
+
+
+def embedded_collection(name, image_encoder, text_encoder):
+    """A collection by name or URI with this pair of encoders' embeddings (cached for registered names)."""
+    import keras_clip_it as kci
+    from keras_clip_it.encoders.presets import cache_dir
+
+    if name not in kci.collections.available():
+        collection = kci.collections.load(name)
+        collection.embed(image_encoder=image_encoder, text_encoder=text_encoder)
+        return collection
+    key = f"{name}-{image_encoder.fingerprint[:12]}-{text_encoder.fingerprint[:12]}"
+    path = os.path.join(cache_dir(), "serving", key)
+    if os.path.isdir(path):
+        try:
+            return kci.collections.load(path)
+        except (ValueError, LookupError, OSError) as error:  # damaged or from an older layout: embed again
+            print(f"re-embedding {name!r}: the cached copy cannot be read ({error})", file=sys.stderr)
+    print(f"embedding collection {name!r} once (cached in {path})", file=sys.stderr)
+    collection = kci.collections.load(name)
+    collection.embed(image_encoder=image_encoder, text_encoder=text_encoder)
+    collection.save(path)
+    return collection
+
+
+def run(args):
+    import uvicorn
+
+    from keras_clip_it.serving.server import Limits
+    from keras_clip_it.serving.server import create_app
+
+    try:
+        model, collections = build_model(args)
+    except (ValueError, LookupError, OSError) as error:
+        print(f"keras-clip-it serve: error: {error}", file=sys.stderr)
+        return 1
+    limits = Limits(
+        body_bytes=int(args.max_body_mb * 2**20), batch=args.max_batch, image_pixels=args.max_image_pixels
+    )
+    app = create_app(model, collections=collections, limits=limits, allow_uris=args.allow_uris)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,847 @@
+"""The HTTP server: embed, classify and retrieve with an ASIF or a DualEncoder, and swap ASIF collections live.
+
+`create_app(model)` returns a FastAPI application; `keras-clip-it serve` runs it with uvicorn.
+
+Three properties shape the code:
+
+- **One collection per answer.** An ASIF collection changes while clients classify (pairs added or
+  removed, another collection activated). `ASIF.add` and `ASIF.remove` edit the collection in place (rows
+  move, arrays grow) and the anchor indexes are rebuilt lazily by whichever call notices the change, so a
+  classify running during an edit could mix two states. The server therefore never edits a collection
+  that a request may be reading: every change builds a new collection (copy, then edit), a new ASIF over
+  it with its anchor indexes built, and publishes that *snapshot* with one assignment. A request takes
+  the current snapshot once and computes everything on it; its answer names the snapshot's version.
+  Copying costs O(N x D), the same order as rebuilding the anchor index, which any change needs anyway.
+- **Bad input is a 4xx, never a 5xx.** Bodies are bounded before parsing, every field is bounded in the
+  schema (batch, label and caption sizes), images are checked against a pixel limit from their header
+  before any pixel is decoded, embeddings must be finite, non-zero and of the model's dimension, and
+  every error is JSON naming what was wrong. Nothing is ever unpickled.
+- **Concurrent clients share the encoders.** Requests run in a thread pool; encoder calls go through one
+  worker per encoder that takes every request waiting at that moment and runs them as one batch
+  (micro-batching without a timer: a lone client waits for nobody, and under load a batch forms while
+  the previous one runs).
+"""
+
+import base64
+import binascii
+import dataclasses
+import io
+import queue
+import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from typing import Annotated
+from typing import Literal
+from typing import Optional
+from typing import Union
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+from PIL import UnidentifiedImageError
+from pydantic import BaseModel
+from pydantic import ConfigDict
+from pydantic import Field
+from pydantic import StringConstraints
+from pydantic import AfterValidator
+from pydantic import model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from keras_clip_it.collections.analogy_collection import AnalogyCollection
+from keras_clip_it.data.images import ImageDecodeError
+from keras_clip_it.data.images import to_rgb_array
+from keras_clip_it.encoders.base import l2_normalize
+from keras_clip_it.models.asif import UNKNOWN
+from keras_clip_it.models.asif import sparse_inner
+from keras_clip_it.tasks.templates import fill
+
+_DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,")
+_LABEL_CACHE_SIZE = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server; anything beyond is refused with a 4xx.
+
+    Args:
+        body_bytes: largest request body (413 beyond).
+        image_pixels: largest width x height of one image, read from its header before decoding (413).
+        batch: images, texts or embeddings per request (queries and gallery each).
+        pairs: pairs per add or remove request.
+        labels: labels per classify request.
+        templates: templates per classify request.
+        captions: labels x templates per classify request (each is a text to embed).
+        text_chars: characters of one text, caption, label, template, id or collection name.
+        embedding_dim: largest length of one embedding in the schema (the model's own is enforced too).
+    """
+
+    body_bytes: int = 16 * 2**20
+    image_pixels: int = 16_000_000
+    batch: int = 64
+    pairs: int = 1024
+    labels: int = 512
+    templates: int = 100
+    captions: int = 4096
+    text_chars: int = 2000
+    embedding_dim: int = 4096
+
+
+class ApiError(Exception):
+    """A request the server refuses: an HTTP status, a short type and a message saying what to do."""
+
+    def __init__(self, status, kind, message):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """One published state of the served model: what every answer is computed on.
+
+    Attributes:
+        version: int, grows by one on every change of the active collection (0: no collection).
+        name: the active collection's name, or None.
+        collection: the `AnalogyCollection` (never edited once published), or None.
+        model: the ASIF over `collection` (or the DualEncoder, which has no collection).
+    """
+
+    version: Optional[int]
+    name: Optional[str]
+    collection: Optional[AnalogyCollection]
+    model: object
+
+    def info(self):
+        return {"name": self.name, "version": self.version, "pairs": len(self.collection) if self.collection else 0}
+
+
+class _Batcher:
+    """Runs `function(items) -> rows` for concurrent callers, batching whatever is waiting together.
+
+    One worker thread takes the first waiting job and every other job already queued (up to
+    `max_items`), runs them as one call and hands each caller its rows. There is no timer: a single
+    client is never delayed, and under load the next batch fills while the current one runs.
+    """
+
+    def __init__(self, function, max_items):
+        self._function = function
+        self._max_items = max_items
+        self._jobs = queue.Queue()
+        self._thread = None
+        self._start_lock = threading.Lock()
+
+    def __call__(self, items):
+        if not len(items):
+            raise ValueError("nothing to embed")
+        self._start()
+        future = Future()
+        self._jobs.put((items, future))
+        return future.result()
+
+    def _start(self):
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kci-batcher", daemon=True)
+                self._thread.start()
+
+    def stop(self):
+        with self._start_lock:
+            if self._thread is not None:
+                self._jobs.put(None)
+                self._thread.join()
+                self._thread = None
+
+    def _run(self):
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            jobs, count = [job], len(job[0])
+            while count < self._max_items:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._jobs.put(None)  # stop after this batch
+                    break
+                jobs.append(job)
+                count += len(job[0])
+            try:
+                rows = self._function([item for items, _ in jobs for item in items])
+            except Exception as error:  # hand the error to every caller of the batch
+                for _, future in jobs:
+                    future.set_exception(error)
+                continue
+            start = 0
+            for items, future in jobs:
+                future.set_result(rows[start : start + len(items)])
+                start += len(items)
+
+
+class Service:
+    """The served model, its published snapshot, the registered collections and the encoder batchers.
+
+    Reads (`embed`, `classify`, `retrieve`) take the current snapshot once; changes (`activate`, `add`,
+    `remove`) are serialised by a lock, build a new snapshot and publish it with one assignment.
+
+    Args:
+        model: a `kci.ASIF` or a `kci.DualEncoder`.
+        collections: optional iterable of `AnalogyCollection`s (or registered names / URIs) clients may
+            activate by name, in addition to the model's own and the installed plugins' collections.
+        limits: a `Limits`.
+        allow_uris: whether clients may activate collections by URI or path (off: only names).
+    """
+
+    def __init__(self, model, collections=(), limits=None, allow_uris=False):
+        self.limits = limits or Limits()
+        self.allow_uris = bool(allow_uris)
+        self.is_asif = hasattr(model, "relative") and hasattr(model, "text_encoder")
+        if not self.is_asif and not hasattr(model, "encode_images"):
+            raise TypeError(f"create_app serves a kci.ASIF or a kci.DualEncoder, got {type(model).__name__}")
+        self.model = model
+        self._write_lock = threading.Lock()
+        self._label_lock = threading.Lock()
+        self._labels = OrderedDict()
+        self._registered = {}
+        if self.is_asif:
+            self.image_dim = model.image_encoder.embedding_dim
+            self.text_dim = model.text_encoder.embedding_dim
+            self._embed_images = _Batcher(model.image_encoder.embed, self.limits.batch)
+            self._embed_texts = _Batcher(model.text_encoder.embed, max(self.limits.batch, 256))
+            for collection in collections or ():
+                self._register(self._load(collection) if isinstance(collection, str) else collection)
+            self.snapshot = Snapshot(0, None, None, None)
+            if model.collection is not None:
+                own = self._own_copy(model.collection)
+                self._register(own)
+                self._publish(own)
+        else:
+            if collections:
+                raise ValueError("a DualEncoder has no analogy collection: pass collections= only with an ASIF")
+            self.image_dim = self.text_dim = int(model.projection_dim)
+            self._embed_images = _Batcher(model.encode_images, self.limits.batch)
+            self._embed_texts = _Batcher(model.encode_texts, max(self.limits.batch, 256))
+            self.snapshot = Snapshot(None, None, None, model)
+
+    def stop(self):
+        self._embed_images.stop()
+        self._embed_texts.stop()
+
+    # === Reads ===
+
+    def health(self):
+        return {"status": "ok", "model": type(self.model).__name__, "collection": self.snapshot.info()}
+
+    def embed(self, images=None, texts=None):
+        snapshot = self.snapshot
+        if images is not None:
+            kind, rows = "image", self._embed_images(self.decode_images(images, "images"))
+        else:
+            kind, rows = "text", self._embed_texts(texts)
+        return {"kind": kind, "dim": int(rows.shape[1]), "embeddings": rows.tolist(), "collection": snapshot.info()}
+
+    def classify(self, labels, templates=None, images=None, image_embeddings=None):
+        snapshot = self._readable()
+        labels = list(labels)
+        if len(set(labels)) != len(labels):
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            raise ApiError(422, "invalid_labels", f"labels repeat: {repeated[:10]}; give each class once")
+        queries = self._image_rows(images, image_embeddings, "images", "image_embeddings")
+        classes = self._label_embeddings(labels, templates)
+        if self.is_asif:
+            model = snapshot.model
+            scores = model.similarity(model.relative(queries, "image"), model.relative(classes, "text"))
+            threshold = model.unknown_threshold
+        else:
+            scores, threshold = queries @ classes.T, -np.inf
+        best = scores.argmax(axis=1)
+        predictions = []
+        for row, index in zip(scores, best):
+            confident = row[index] > threshold
+            predictions.append(
+                {
+                    "label": labels[index] if confident else UNKNOWN,
+                    "index": int(index) if confident else -1,
+                    "scores": [float(value) for value in row],
+                }
+            )
+        return {"labels": labels, "predictions": predictions, "collection": snapshot.info()}
+
+    def retrieve(self, queries, gallery, top_k):
+        snapshot = self._readable()
+        query_rows = self._rows(queries, "queries")
+        gallery_rows = self._rows(gallery, "gallery")
+        if self.is_asif:
+            model = snapshot.model
+            scores = sparse_inner(model.relative(*query_rows), model.relative(*gallery_rows))
+        else:
+            scores = query_rows[0] @ gallery_rows[0].T
+        top_k = min(int(top_k), scores.shape[1])
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+        matches = [[{"index": int(j), "score": float(row[j])} for j in picks] for row, picks in zip(scores, order)]
+        return {"matches": matches, "collection": snapshot.info()}
+
+    def _readable(self):
+        snapshot = self.snapshot
+        if self.is_asif and (snapshot.collection is None or not len(snapshot.collection)):
+            raise ApiError(
+                409,
+                "no_collection",
+                "the ASIF model has no anchors yet: activate a collection (POST /v1/collections/activate) "
+                "or add pairs (POST /v1/collections/pairs)",
+            )
+        return snapshot
+
+    def _rows(self, inputs, where):
+        """(embeddings, kind) of a retrieve side: images, texts or precomputed embeddings of either."""
+        if inputs.images is not None or inputs.image_embeddings is not None:
+            rows = self._image_rows(inputs.images, inputs.image_embeddings, f"{where}.images", f"{where}.image_embeddings")
+            return rows, "image"
+        if inputs.texts is not None:
+            return self._embed_texts(inputs.texts), "text"
+        return self._check_embeddings(inputs.text_embeddings, self.text_dim, f"{where}.text_embeddings"), "text"
+
+    def _image_rows(self, images, embeddings, images_field, embeddings_field):
+        if images is not None:
+            return self._embed_images(self.decode_images(images, images_field))
+        return self._check_embeddings(embeddings, self.image_dim, embeddings_field)
+
+    def _label_embeddings(self, labels, templates):
+        """Unit (C, D) embeddings of the labels, templates averaged; cached (they never depend on a collection)."""
+        key = (tuple(labels), templates if not isinstance(templates, list) else tuple(templates))
+        with self._label_lock:
+            cached = self._labels.get(key)
+            if cached is not None:
+                self._labels.move_to_end(key)
+                return cached
+        try:
+            captions = [fill(templates, label) for label in labels]
+        except (ValueError, TypeError, IndexError, KeyError) as error:
+            raise ApiError(422, "invalid_templates", f"templates: {error}") from None
+        per_label = len(captions[0])
+        if per_label * len(labels) > self.limits.captions:
+            raise ApiError(
+                413,
+                "too_many_captions",
+                f"{len(labels)} labels x {per_label} templates = {per_label * len(labels)} captions, more than "
+                f"the limit of {self.limits.captions}: use fewer labels or a shorter template set (e.g. 'it-short')",
+            )
+        flat = self._embed_texts([caption for group in captions for caption in group])
+        embeddings = l2_normalize(flat.reshape(len(labels), per_label, -1).mean(axis=1))
+        with self._label_lock:
+            self._labels[key] = embeddings
+            while len(self._labels) > _LABEL_CACHE_SIZE:
+                self._labels.popitem(last=False)
+        return embeddings
+
+    def decode_images(self, images, field):
+        """Base64 strings -> uint8 (H, W, 3) arrays, refusing bombs before decoding and naming the bad item."""
+        arrays = []
+        for index, text in enumerate(images):
+            where = f"{field}[{index}]"
+            try:
+                data = base64.b64decode(_DATA_URL.sub("", text, count=1), validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(422, "invalid_base64", f"{where} is not valid base64: send the file's bytes base64-encoded") from None
+            if not data:
+                raise ApiError(422, "empty_image", f"{where} is empty (0 bytes): send a complete image file")
+            try:
+                with Image.open(io.BytesIO(data)) as header:
+                    width, height = header.size
+            except Image.DecompressionBombError:
+                raise ApiError(413, "image_too_large", f"{where} claims too many pixels to decode safely: resize it") from None
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+                raise ApiError(
+                    422, "invalid_image", f"{where} is not a readable image ({error}): send a JPEG, PNG, GIF, BMP or WebP"
+                ) from None
+            if width * height > self.limits.image_pixels:
+                raise ApiError(
+                    413,
+                    "image_too_large",
+                    f"{where} is {width}x{height} pixels, more than the limit of {self.limits.image_pixels:,}: "
+                    "resize it before sending",
+                )
+            try:
+                arrays.append(to_rgb_array(data, index))
+            except ImageDecodeError as error:
+                raise ApiError(422, "invalid_image", f"{where}: {error}") from None
+        return arrays
+
+    def _check_embeddings(self, rows, dim, field):
+        lengths = {len(row) for row in rows}
+        if lengths != {dim}:
+            raise ApiError(
+                422,
+                "wrong_dimension",
+                f"{field} rows have {sorted(lengths)[:5]} values, this model's embeddings have {dim}: send "
+                "embeddings from the same encoder (POST /v1/embed returns them)",
+            )
+        array = np.asarray(rows, np.float32)
+        if not np.all(np.isfinite(array)):
+            raise ApiError(422, "not_finite", f"{field} holds values too large for float32: send unit-norm rows")
+        norms = np.linalg.norm(array, axis=1)
+        if np.any(norms == 0):
+            raise ApiError(422, "zero_embedding", f"{field} row {int(np.argmin(norms))} is all zeros: it has no direction")
+        return array / norms[:, None]
+
+    # === Collections ===
+
+    def collections(self):
+        from keras_clip_it import collections as registry
+
+        try:
+            available = registry.available()
+        except Exception:  # a broken plugin environment must not break the listing of what is loaded
+            available = []
+        registered = [
+            {"name": name, "language": col.language, "pairs": len(col)} for name, col in sorted(self._registered.items())
+        ]
+        return {
+            "active": self.snapshot.info(),
+            "registered": registered,
+            "available": available,
+            "uris_allowed": self.allow_uris,
+        }
+
+    def activate(self, name):
+        self._require_asif()
+        with self._write_lock:
+            collection = self._registered.get(name)
+            if collection is None:
+                collection = self._register(self._load(name))
+            return self._publish(collection)
+
+    def add(self, ids, captions, images=None, image_embeddings=None, text_embeddings=None):
+        self._require_asif()
+        for field, values in (("captions", captions), ("image rows", images or image_embeddings), ("text_embeddings", text_embeddings)):
+            if values is not None and len(values) != len(ids):
+                raise ApiError(422, "misaligned", f"{len(values)} {field} for {len(ids)} ids: send one per id")
+        image_rows = self._image_rows(images, image_embeddings, "images", "image_embeddings")
+        if text_embeddings is None:
+            text_rows = self._embed_texts(captions)
+        else:
+            text_rows = self._check_embeddings(text_embeddings, self.text_dim, "text_embeddings")
+        with self._write_lock:
+            current = self.snapshot.collection
+            collection = self._own_copy(current) if current is not None else AnalogyCollection(name="default")
+            try:
+                collection.add(
+                    ids,
+                    captions=captions,
+                    embeddings={
+                        "image": {self.model.image_encoder.fingerprint: image_rows},
+                        "text": {self.model.text_encoder.fingerprint: text_rows},
+                    },
+                )
+            except ValueError as error:
+                raise ApiError(409, "duplicate_ids", str(error)) from None
+            self._register(collection)
+            return self._publish(collection)
+
+    def remove(self, ids):
+        self._require_asif()
+        with self._write_lock:
+            current = self.snapshot.collection
+            if current is None:
+                raise ApiError(409, "no_collection", "no collection is active: there is nothing to remove")
+            collection = self._own_copy(current)
+            try:
+                collection.remove(ids)
+            except KeyError as error:
+                raise ApiError(404, "unknown_ids", str(error.args[0])) from None
+            self._register(collection)
+            return self._publish(collection)
+
+    def _require_asif(self):
+        if not self.is_asif:
+            raise ApiError(409, "no_collections", "this server runs a DualEncoder, which has no analogy collection")
+
+    def _load(self, name):
+        from keras_clip_it import collections as registry
+
+        is_uri = "://" in name or name.startswith((".", "/", "~")) or "\\" in name
+        if is_uri and not self.allow_uris:
+            raise ApiError(
+                403,
+                "uris_not_allowed",
+                f"{name!r} is a URI or path; this server activates collections by name only (start it with "
+                "--allow-uris to accept URIs)",
+            )
+        if not is_uri and name not in registry.available():
+            known = sorted(set(self._registered) | set(registry.available()))
+            raise ApiError(404, "unknown_collection", f"no collection named {name!r}; available: {known}")
+        try:
+            collection = registry.load(name)
+        except (LookupError, FileNotFoundError, ValueError, OSError) as error:
+            raise ApiError(404, "unknown_collection", f"cannot open collection {name!r}: {error}") from None
+        collection.embed(image_encoder=self.model.image_encoder, text_encoder=self.model.text_encoder)
+        return collection
+
+    def _register(self, collection):
+        self._registered[collection.name] = collection
+        return collection
+
+    def _own_copy(self, collection):
+        """A copy holding this model's embeddings only, which the server may edit and publish."""
+        fingerprints = {"image": self.model.image_encoder.fingerprint, "text": self.model.text_encoder.fingerprint}
+        copy = AnalogyCollection(name=collection.name, language=collection.language)
+        if len(collection):
+            copy.add(
+                collection.ids,
+                captions=collection.captions,
+                image_refs=collection.image_refs,
+                metadata=collection.metadata,
+                embeddings={kind: {fp: collection.embeddings(kind, fp)} for kind, fp in fingerprints.items()},
+            )
+        return copy
+
+    def _publish(self, collection):
+        """Builds an ASIF over `collection` with its indexes ready, then makes it the snapshot (under the lock)."""
+        from keras_clip_it.models.asif import ASIF
+
+        model = self.model
+        asif = ASIF(
+            model.image_encoder,
+            model.text_encoder,
+            k=model.k,
+            p=model.p,
+            collection=collection,
+            anchor_dtype=model.anchor_dtype,
+            unknown_threshold=model.unknown_threshold,
+            mesh=model.mesh,
+        )
+        if len(collection):
+            for kind, dim in (("image", self.image_dim), ("text", self.text_dim)):
+                asif.relative(np.ones((1, dim), np.float32), kind)  # builds (and compiles) the index now
+        self.snapshot = Snapshot(self.snapshot.version + 1, collection.name, collection, asif)
+        return {"collection": self.snapshot.info()}
+
+
+# === Schemas ===
+
+
+def _schemas(limits):
+    """The request and response models, with the limits written into the OpenAPI schema."""
+    Text = Annotated[str, StringConstraints(max_length=limits.text_chars), AfterValidator(_utf8)]
+    Name = Annotated[str, StringConstraints(min_length=1, max_length=limits.text_chars), AfterValidator(_utf8)]
+    Image64 = Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=limits.body_bytes),
+        Field(description="an image file (JPEG, PNG, GIF, BMP, WebP) base64-encoded, optionally as a data: URL"),
+    ]
+    Value = Annotated[float, Field(allow_inf_nan=False)]
+    Vector = Annotated[list[Value], Field(min_length=1, max_length=limits.embedding_dim)]
+
+    def items(kind, length):
+        return Optional[Annotated[list[kind], Field(min_length=1, max_length=length)]]
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    class Inputs(Strict):
+        """Exactly one of: images, texts, image_embeddings, text_embeddings."""
+
+        images: items(Image64, limits.batch) = None
+        texts: items(Text, limits.batch) = None
+        image_embeddings: items(Vector, limits.batch) = None
+        text_embeddings: items(Vector, limits.batch) = None
+
+        @model_validator(mode="after")
+        def _one(self):
+            given = [f for f in ("images", "texts", "image_embeddings", "text_embeddings") if getattr(self, f) is not None]
+            if len(given) != 1:
+                raise ValueError(f"give exactly one of images, texts, image_embeddings, text_embeddings (got {given})")
+            return self
+
+    class EmbedRequest(Strict):
+        """Images or texts to embed with the model's encoders."""
+
+        images: items(Image64, limits.batch) = None
+        texts: items(Text, limits.batch) = None
+
+        @model_validator(mode="after")
+        def _one(self):
+            if (self.images is None) == (self.texts is None):
+                raise ValueError("give exactly one of images or texts")
+            return self
+
+    class ClassifyRequest(Strict):
+        """Images (or their embeddings) to classify among labels, captioned through templates."""
+
+        labels: Annotated[list[Name], Field(min_length=1, max_length=limits.labels)]
+        templates: Optional[Union[Text, Annotated[list[Text], Field(min_length=1, max_length=limits.templates)]]] = Field(
+            None,
+            description="None (labels as captions), a set ('en', 'en-short', 'it', 'it-short'), a template with "
+            "'{}', or a list of templates",
+        )
+        images: items(Image64, limits.batch) = None
+        image_embeddings: items(Vector, limits.batch) = None
+
+        @model_validator(mode="after")
+        def _one(self):
+            if (self.images is None) == (self.image_embeddings is None):
+                raise ValueError("give exactly one of images or image_embeddings")
+            return self
+
+    class RetrieveRequest(Strict):
+        """For each query, the most similar gallery items (any modality on either side)."""
+
+        queries: Inputs
+        gallery: Inputs
+        top_k: Annotated[int, Field(ge=1, le=limits.batch)] = 10
+
+    class ActivateRequest(Strict):
+        """A registered or installed collection name (or a URI when the server allows them)."""
+
+        name: Name
+
+    class AddRequest(Strict):
+        """Pairs to add to the active collection: ids, captions, and images or image embeddings."""
+
+        ids: Annotated[list[Name], Field(min_length=1, max_length=limits.pairs)]
+        captions: Annotated[list[Text], Field(min_length=1, max_length=limits.pairs)]
+        images: items(Image64, limits.batch) = None
+        image_embeddings: items(Vector, limits.pairs) = None
+        text_embeddings: items(Vector, limits.pairs) = Field(None, description="the captions' embeddings, if known")
+
+        @model_validator(mode="after")
+        def _one(self):
+            if (self.images is None) == (self.image_embeddings is None):
+                raise ValueError("give exactly one of images or image_embeddings")
+            return self
+
+    class RemoveRequest(Strict):
+        """Ids of pairs to remove from the active collection."""
+
+        ids: Annotated[list[Name], Field(min_length=1, max_length=limits.pairs)]
+
+    class CollectionInfo(BaseModel):
+        """The collection an answer was computed on (all None/0 for a DualEncoder)."""
+
+        name: Optional[str]
+        version: Optional[int]
+        pairs: int
+
+    class Health(BaseModel):
+        status: Literal["ok"]
+        model: str
+        collection: CollectionInfo
+
+    class EmbedResponse(BaseModel):
+        kind: Literal["image", "text"]
+        dim: int
+        embeddings: list[list[float]]
+        collection: CollectionInfo
+
+    class Prediction(BaseModel):
+        label: str = Field(description="the best label, or 'unknown' when the evidence is too weak")
+        index: int = Field(description="index of the label, -1 for 'unknown'")
+        scores: list[float] = Field(description="score of each label, aligned with labels")
+
+    class ClassifyResponse(BaseModel):
+        labels: list[str]
+        predictions: list[Prediction]
+        collection: CollectionInfo
+
+    class Match(BaseModel):
+        index: int
+        score: float
+
+    class RetrieveResponse(BaseModel):
+        matches: list[list[Match]]
+        collection: CollectionInfo
+
+    class Registered(BaseModel):
+        name: str
+        language: str
+        pairs: int
+
+    class CollectionsResponse(BaseModel):
+        active: CollectionInfo
+        registered: list[Registered]
+        available: list[str]
+        uris_allowed: bool
+
+    class ChangeResponse(BaseModel):
+        collection: CollectionInfo
+
+    return dict(locals())
+
+
+def _utf8(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the string holds unpaired surrogates (\\ud800-\\udfff), which are not text") from None
+    return text
+
+
+class ErrorBody(BaseModel):
+    """Every error: what kind, what was wrong and what to do, and field details for validation errors."""
+
+    error: str
+    type: str
+    details: Optional[list[dict]] = None
+
+
+def _error(status, kind, message, details=None):
+    body = {"error": message, "type": kind}
+    if details is not None:
+        body["details"] = details
+    return JSONResponse(body, status_code=status)
+
+
+class _BodyGuard:
+    """ASGI middleware: refuses bodies over the limit (413) and non-JSON bodies (415) before parsing."""
+
+    def __init__(self, app, max_bytes):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        too_large = _error(413, "body_too_large", f"the request body is larger than {self.max_bytes:,} bytes: send less per request")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if body and not (content_type == b"application/json" or content_type.endswith(b"+json")):
+            shown = content_type.decode("latin-1") or "none"
+            error = _error(415, "unsupported_media_type", f"the body must be JSON (Content-Type: application/json), got {shown}")
+            return await error(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+def create_app(model, collections=(), limits=None, allow_uris=False):
+    """A FastAPI application serving `model` over HTTP: /v1/embed, /v1/classify, /v1/retrieve, /v1/collections.
+
+    Every answer names the collection version it was computed on; collection changes (activate, add,
+    remove) are published atomically, so concurrent requests each see one consistent collection. Bad
+    requests get a 4xx JSON error `{"error", "type", "details"}`; OpenAPI schema at /openapi.json, docs at
+    /docs. Run it with uvicorn (`keras-clip-it serve` does).
+
+    Args:
+        model: a `kci.ASIF` (with or without a collection) or a `kci.DualEncoder`.
+        collections: optional iterable of `AnalogyCollection`s or collection names (ASIF only) that clients
+            may activate by name, besides the model's own collection and the installed plugins' ones.
+        limits: a `Limits` (defaults: 16 MiB bodies, 16M-pixel images, 64 items per request...).
+        allow_uris: bool; when True, clients may activate collections stored at URIs or paths on the
+            server's file systems (keep it off for servers reachable by untrusted clients).
+
+    Returns:
+        A `fastapi.FastAPI` application; its `state.service` is the `Service`.
+
+    Example:
+    >>> import uvicorn, keras_clip_it as kci
+    >>> asif = kci.ASIF(kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet"),
+    ...                 kci.TextEncoder.from_preset("multilingual_e5_small"), collection="emoji-it")
+    >>> app = kci.serving.create_app(asif)
+    >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
+    """
+    limits = limits or Limits()
+    service = Service(model, collections=collections, limits=limits, allow_uris=allow_uris)
+    s = _schemas(limits)
+    errors = {status: {"model": ErrorBody} for status in (400, 403, 404, 409, 413, 415, 422)}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        service.stop()
+
+    app = FastAPI(
+        title="keras-clip-it",
+        description="Image-text embedding, zero-shot classification and retrieval with ASIF or a dual encoder.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(_BodyGuard, max_bytes=limits.body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, error):
+        return _error(error.status, error.kind, error.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, error):
+        details = [
+            {"loc": [str(part) for part in item.get("loc", ())], "msg": str(item.get("msg", "")), "type": str(item.get("type", ""))}
+            for item in error.errors()[:20]
+        ]
+        where = "; ".join(f"{'.'.join(d['loc'][1:]) or 'body'}: {d['msg']}" for d in details[:3])
+        return _error(422, "invalid_request", f"the request does not match the schema ({where}); see /docs", details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, error):
+        if error.status_code == 400:  # FastAPI could not parse the body (invalid UTF-8, nesting too deep)
+            return _error(400, "invalid_json", f"{error.detail}: send UTF-8 JSON of reasonable depth")
+        return _error(error.status_code, "http_error", str(error.detail))
+
+    @app.get("/health", response_model=s["Health"], tags=["service"])
+    def health():
+        """Liveness, the model type and the active collection."""
+        return service.health()
+
+    @app.post("/v1/embed", response_model=s["EmbedResponse"], responses=errors, tags=["inference"])
+    def embed(request: s["EmbedRequest"]):
+        """Unit-norm embeddings of images or texts by the model's encoders (reusable as precomputed embeddings)."""
+        return service.embed(images=request.images, texts=request.texts)
+
+    @app.post("/v1/classify", response_model=s["ClassifyResponse"], responses=errors, tags=["inference"])
+    def classify(request: s["ClassifyRequest"]):
+        """Zero-shot classification of images among labels ('unknown' when an ASIF is unsure)."""
+        return service.classify(request.labels, request.templates, request.images, request.image_embeddings)
+
+    @app.post("/v1/retrieve", response_model=s["RetrieveResponse"], responses=errors, tags=["inference"])
+    def retrieve(request: s["RetrieveRequest"]):
+        """For each query, the indices and scores of the `top_k` most similar gallery items."""
+        return service.retrieve(request.queries, request.gallery, request.top_k)
+
+    @app.get("/v1/collections", response_model=s["CollectionsResponse"], tags=["collections"])
+    def list_collections():
+        """The active collection, the collections loaded on this server and those installed plugins offer."""
+        return service.collections()
+
+    @app.post("/v1/collections/activate", response_model=s["ChangeResponse"], responses=errors, tags=["collections"])
+    def activate(request: s["ActivateRequest"]):
+        """Makes a collection the active one (loading and embedding it on first use)."""
+        return service.activate(request.name)
+
+    @app.post("/v1/collections/pairs", response_model=s["ChangeResponse"], responses=errors, tags=["collections"])
+    def add_pairs(request: s["AddRequest"]):
+        """Adds pairs to the active collection (a new one named 'default' if none is active)."""
+        return service.add(request.ids, request.captions, request.images, request.image_embeddings, request.text_embeddings)
+
+    @app.post("/v1/collections/remove", response_model=s["ChangeResponse"], responses=errors, tags=["collections"])
+    def remove_pairs(request: s["RemoveRequest"]):
+        """Removes pairs by id from the active collection."""
+        return service.remove(request.ids)
+
+    return app
