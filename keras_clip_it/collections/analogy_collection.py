@@ -2,12 +2,28 @@
 
 The collection *is* the ASIF model: its rows are the anchors every query is compared with, so adding or
 removing pairs changes the model at once. This module keeps the state in memory (lists plus one float32
-array per (kind, encoder fingerprint), whose first len(collection) rows are valid); durable storage on fsspec builds on the same state.
+array per (kind, encoder fingerprint), whose first len(collection) rows are valid); durable storage on
+fsspec builds on the same state. Every change costs O(pairs changed) and is recorded, so the anchor
+indexes derived from a collection follow it incrementally (`changes_since`) instead of being rebuilt.
 """
+
+import functools
+import threading
 
 import numpy as np
 
 KINDS = ("image", "text")
+# Changes kept for `changes_since`: a model further behind than this rebuilds what it derived.
+_RECORDED_CHANGES = 256
+
+
+def _locked(method):
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class AnalogyCollection:
@@ -18,7 +34,8 @@ class AnalogyCollection:
     not use. Row order: `add` appends in the given order; `remove` moves the last rows into the freed
     positions, so adding or removing 10k pairs in a 1M-pair collection costs O(10k), never a pass over
     the collection. `version` grows by one on every change, so models cache what they derive from
-    the collection (class representations, compressed anchors) and notice when it is stale.
+    the collection (class representations, compressed anchors) and notice when it is stale; the last
+    changes are recorded (`changes_since`) so that they can update what they derived in O(change).
 
     Args:
         name: str, a short name shown in messages (e.g. "emoji-it").
@@ -44,6 +61,10 @@ class AnalogyCollection:
         self._rows = {}
         self._embeddings = {}
         self.version = 0
+        # (version, "add" | "remove", ids added | rows removed) for the last _RECORDED_CHANGES changes.
+        self._changes = []
+        # Held by every change; hold it to read a consistent state over several calls (as index updates do).
+        self.lock = threading.RLock()
 
     def __len__(self):
         return len(self._ids)
@@ -112,6 +133,7 @@ class AnalogyCollection:
         view.flags.writeable = False
         return view
 
+    @_locked
     def add(self, ids, captions=None, image_refs=None, metadata=None, embeddings=None):
         """Appends pairs after the existing rows.
 
@@ -159,8 +181,9 @@ class AnalogyCollection:
         self._captions.extend(captions)
         self._image_refs.extend(image_refs)
         self._metadata.extend(metadata)
-        self.version += 1
+        self._record("add", ids)
 
+    @_locked
     def remove(self, ids):
         """Deletes the pairs with these ids.
 
@@ -176,9 +199,7 @@ class AnalogyCollection:
             return
         size = len(self)
         new_size = size - drop.size
-        holes = drop[drop < new_size]
-        tail = np.arange(new_size, size)
-        movers = tail[~np.isin(tail, drop, assume_unique=True)]
+        holes, movers = removal_moves(size, drop)
         for array in self._embeddings.values():
             array[holes] = array[movers]
         for row in drop.tolist():
@@ -191,8 +212,9 @@ class AnalogyCollection:
             self._rows[self._ids[hole]] = hole
         for values in (self._ids, self._captions, self._image_refs, self._metadata):
             del values[new_size:]
-        self.version += 1
+        self._record("remove", drop)
 
+    @_locked
     def set_embeddings(self, kind, fingerprint, array):
         """Stores (N, D) embeddings of every row by one encoder (replacing any with that fingerprint)."""
         key = (_check_kind(kind), str(fingerprint))
@@ -201,6 +223,47 @@ class AnalogyCollection:
             raise ValueError(f"{kind} embeddings have {array.shape[0]} rows, collection {self.name!r} has {len(self)}")
         self._embeddings[key] = array
         self.version += 1
+        # Embeddings replaced: nothing derived from the old ones can be updated incrementally.
+        self._changes = []
+
+    def changes_since(self, version):
+        """The changes after `version`, oldest first, so a model can update what it derived in O(change).
+
+        Args:
+            version: a past value of `version`.
+
+        Returns:
+            A list of ("add", rows) and ("remove", rows) with int64 row arrays: for an addition, the
+            current rows of the pairs it added (-1 for those removed since), in the order they were added
+            at the end of the collection; for a removal, the rows it removed (sorted), numbered as they
+            were just before it (the last rows then moved into the freed positions, see `remove`).
+            None when those changes are not all recorded any more (after `set_embeddings`, or more than
+            256 changes ago): rebuild from `embeddings()` then.
+
+        Example:
+        >>> col = AnalogyCollection()
+        >>> col.add(["a", "b"], embeddings={"text": {"f": np.eye(2, dtype="float32")}})
+        >>> col.remove(["a"])
+        >>> [(change, rows.tolist()) for change, rows in col.changes_since(0)]
+        [('add', [-1, 0]), ('remove', [0])]
+        """
+        version = int(version)
+        if version == self.version:
+            return []
+        recorded = [entry for entry in self._changes if entry[0] > version]
+        if version > self.version or len(recorded) != self.version - version:
+            return None
+        rows = self._rows
+        return [
+            (change, np.fromiter((rows.get(i, -1) for i in payload), np.int64, len(payload)) if change == "add" else payload)
+            for _, change, payload in recorded
+        ]
+
+    def _record(self, change, payload):
+        self.version += 1
+        self._changes.append((self.version, change, payload))
+        if len(self._changes) > _RECORDED_CHANGES:
+            del self._changes[0]
 
     def save(self, uri, dtype="float32"):
         """Writes the collection to a directory at any fsspec URI (see `keras_clip_it.collections.storage`).
@@ -242,6 +305,21 @@ class AnalogyCollection:
                 raise ValueError(f"{len(images)} images for {len(self)} pairs in collection {self.name!r}")
             embedded = image_encoder.embed(images, batch_size=batch_size)
             self.set_embeddings("image", image_encoder.fingerprint, embedded)
+
+
+def removal_moves(size, drop):
+    """How removing rows `drop` (sorted, unique) from `size` rows renumbers the others.
+
+    The last rows move into the freed positions below the new size, in their order, so a removal costs
+    O(removed) and every other row keeps its number.
+
+    Returns:
+        (holes, movers): int64 arrays; row movers[i] becomes row holes[i].
+    """
+    new_size = size - drop.size
+    holes = drop[drop < new_size]
+    tail = np.arange(new_size, size)
+    return holes, tail[~np.isin(tail, drop, assume_unique=True)]
 
 
 def _append_rows(buffer, size, rows):

@@ -18,6 +18,7 @@ import numpy as np
 
 from keras_clip_it.collections.analogy_collection import AnalogyCollection
 from keras_clip_it.models.asif_index import AnchorIndex
+from keras_clip_it.models.asif_index import follow
 from keras_clip_it.tasks.templates import fill
 
 UNKNOWN = "unknown"
@@ -204,10 +205,14 @@ class ASIF(keras.Model):
             },
             **kwargs,
         )
+        for kind in list(self._indexes):
+            self.index(kind)  # follows the change now, so the next query pays nothing for it
 
     def remove(self, ids):
         """Removes the pairs with these ids from the collection."""
         self._require_collection().remove(ids)
+        for kind in list(self._indexes):
+            self.index(kind)  # follows the change now, so the next query pays nothing for it
 
     def _require_collection(self):
         if self.collection is None or not len(self.collection):
@@ -215,14 +220,29 @@ class ASIF(keras.Model):
         return self.collection
 
     def index(self, kind):
-        """The `AnchorIndex` over the collection's `kind` ("image"/"text") embeddings, rebuilt on change."""
+        """The `AnchorIndex` over the collection's `kind` ("image"/"text") embeddings, kept up to date.
+
+        After `add` / `remove` (here or on the collection) the cached index follows the recorded changes
+        in O(pairs changed); it is built from scratch only for a new collection. Each update makes a new
+        index and publishes it with one assignment, so concurrent queries use the old or the new one.
+        """
         collection = self._require_collection()
+        current = lambda cached: cached is not None and cached[2] is collection and cached[0] == collection.version  # noqa: E731
         cached = self._indexes.get(kind)
-        if cached is None or cached[0] != collection.version:
+        if not current(cached):
             encoder = self.image_encoder if kind == "image" else self.text_encoder
-            anchors = collection.embeddings(kind, encoder.fingerprint)
-            self._indexes[kind] = (collection.version, AnchorIndex(anchors, dtype=self.anchor_dtype, mesh=self.mesh))
-        return self._indexes[kind][1]
+            with collection.lock:  # the collection does not change while its index catches up
+                cached = self._indexes.get(kind)
+                if not current(cached):
+                    index = None
+                    if cached is not None and cached[2] is collection:
+                        index = follow(cached[1], collection, kind, encoder.fingerprint, cached[0])
+                    if index is None:
+                        anchors = collection.embeddings(kind, encoder.fingerprint)
+                        index = AnchorIndex(anchors, dtype=self.anchor_dtype, mesh=self.mesh)
+                    cached = (collection.version, index, collection)
+                    self._indexes[kind] = cached
+        return cached[1]
 
     # === Representations ===
 

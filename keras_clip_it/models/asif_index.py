@@ -21,10 +21,17 @@ runs in float32. This index makes both cheaper without giving up exactness:
 
 Results equal a dense float32 computation up to float32 rounding of the inner products (ties excepted).
 Memory stays bounded: one (queries x block) score matrix at a time; anchors are stored once per dtype
-plus the bfloat16 screening copy.
+(with 1/16 spare capacity for appends) plus the bfloat16 screening copy.
+
+Changes are incremental (`append`, `remove`, `follow`): an analogy collection that gains or loses 10k
+pairs out of 1M updates its index in O(10k), and the first query after the change costs what any query
+costs.
 """
 
+import copy
 import functools
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +47,15 @@ _FLOAT32_EPS = 2.0**-24
 
 
 class AnchorIndex:
-    """Anchors (N, D) prepared for exact top-k inner-product search, optionally compressed.
+    """Anchors (N, D) prepared for exact top-k inner-product search, optionally compressed, updatable.
+
+    Changes cost O(change), not O(N): `append` writes new anchors after the stored ones (filling the last
+    partial block, then new blocks), `remove` masks the removed anchors out of the screening (their
+    screened scores become -inf) and renumbers rows the way `AnalogyCollection.remove` does, so index rows
+    stay collection rows. Both return a new index and leave this one untouched: a search running on the
+    old index during a change sees the old anchors, never a mix, and publishing the new one is a single
+    reference assignment. Masked anchors still cost scan time, so once they exceed a quarter of the
+    live ones the index is rebuilt from the live anchors (amortised O(1) per removed anchor).
 
     Args:
         anchors: float array (N, D), usually L2-normalised embeddings.
@@ -55,6 +70,9 @@ class AnchorIndex:
     >>> values, rows = index.topk(np.array([[0.0, 1.0, 0.0, 0.0]], "float32"), k=2)
     >>> int(rows[0, 0]), float(values[0, 0])
     (1, 1.0)
+    >>> index = index.append(np.array([[0.0, 0.8, 0.6, 0.0]], "float32")).remove([1])
+    >>> int(index.topk(np.array([[0.0, 1.0, 0.0, 0.0]], "float32"), k=1)[1][0, 0])  # row 4 moved to row 1
+    1
     """
 
     def __init__(self, anchors, dtype="float32", block=BLOCK, mesh=None):
@@ -64,54 +82,185 @@ class AnchorIndex:
         if anchors.ndim != 2:
             raise ValueError(f"anchors must be (N, D), got shape {anchors.shape}")
         self.dtype = dtype
-        self.size, self.dim = anchors.shape
+        self.dim = anchors.shape[1]
         self.mesh = mesh
-        devices = 1 if mesh is None else mesh.devices.size
-        self.block = _round_up(max(16, min(int(block), max(self.size, 1))), 16 * devices)
-        self.stored, self.scales = _compress(anchors, dtype)
-        screen_scales = self.scales if dtype == "int8" else np.ones(self.size, np.float32)
-        screen = np.empty((self.size, self.dim), jnp.bfloat16)
-        # Worst-case screening error terms over anchors: |a - a~| and |a|, computed in chunks so that
-        # preparing 1.5M anchors never holds a second float32 copy.
+        self._block_request = int(block)
+        stored, scales = _compress(anchors, dtype)
+        self._lay_out(_Store.gathered(stored, scales), len(anchors))
+
+    def _lay_out(self, store, count):
+        """Places the first `count` slots of `store` (rows in order, none removed) in screening blocks."""
+        devices = 1 if self.mesh is None else self.mesh.devices.size
+        self.block = _round_up(max(16, min(self._block_request, max(count, 1))), 16 * devices)
+        self._store = store
+        self.size = self._slots = count
+        # Row <-> slot tables, None while every slot holds its own row (no removal since the layout).
+        self._row_of_slot = self._slot_of_row = None
         self.max_residual = self.max_norm = 0.0
-        for start in range(0, self.size, 65536):
-            stop = min(start + 65536, self.size)
-            exact = _decompress(self.stored[start:stop], None if self.scales is None else self.scales[start:stop])
-            chunk = self.stored[start:stop] if dtype == "int8" else _to_bfloat16(exact)
-            screen[start:stop] = chunk
-            approx = chunk.astype(np.float32) * screen_scales[start:stop, None]
+        self._blocks = []
+        self._screen_into_blocks(0, count)
+
+    def _screen_into_blocks(self, start, stop):
+        """Screens slots [start, stop) of the store into the blocks: fills the last partial one, adds more.
+
+        Works one block at a time so that preparing 1.5M anchors never holds a second full-size copy.
+        The error terms of the certificate (`max_residual`, `max_norm`) grow with the new anchors.
+        """
+        blocks = list(self._blocks)
+        screen_dtype = np.int8 if self.dtype == "int8" else jnp.bfloat16
+        for offset in range(start - start % self.block, stop, self.block):
+            number = offset // self.block
+            lo, hi = max(start, offset), min(stop, offset + self.block)
+            if number < len(blocks):
+                old_values, old_scales, old_bias, _, _ = blocks[number]
+                values, scales, bias = np.array(old_values), np.array(old_scales), np.array(old_bias)
+            else:
+                values = np.zeros((self.block, self.dim), screen_dtype)
+                scales = np.zeros(self.block, np.float32)
+                bias = np.full(self.block, -np.inf, np.float32)
+            exact = _decompress(self._store.stored[lo:hi], None if self._store.scales is None else self._store.scales[lo:hi])
+            if self.dtype == "int8":
+                chunk, chunk_scales = self._store.stored[lo:hi], self._store.scales[lo:hi]
+            else:
+                chunk, chunk_scales = _to_bfloat16(exact), np.ones(hi - lo, np.float32)
+            approx = chunk.astype(np.float32) * chunk_scales[:, None]
             self.max_residual = max(self.max_residual, float(np.linalg.norm(exact - approx, axis=1).max()))
             self.max_norm = max(self.max_norm, float(np.linalg.norm(exact, axis=1).max()))
-        self._blocks = []
-        for offset in range(0, self.size, self.block):
-            values = screen[offset : offset + self.block]
-            scales = screen_scales[offset : offset + self.block]
-            pad = self.block - len(values)
-            if pad:
-                values = np.pad(values, ((0, pad), (0, 0)))
-                scales = np.pad(scales, (0, pad))
-            self._blocks.append((_to_device(values, mesh), _to_device(scales, mesh), offset, self.block - pad))
+            values[lo - offset : hi - offset] = chunk
+            scales[lo - offset : hi - offset] = chunk_scales
+            bias[lo - offset : hi - offset] = 0.0
+            entry = (_to_device(values, self.mesh), _to_device(scales, self.mesh), _to_device(bias, self.mesh), offset, hi - offset)
+            if number < len(blocks):
+                blocks[number] = entry
+            else:
+                blocks.append(entry)
+        self._blocks = blocks
+
+    # === Changes ===
+
+    def append(self, anchors):
+        """A new index with `anchors` (n, D) added as rows size .. size + n - 1; this index is unchanged.
+
+        Costs O(n) (plus re-uploading the last partial block): the anchors are written after the stored
+        ones, in place when no other index derived from the same one wrote there first.
+
+        Args:
+            anchors: float array (n, D).
+        """
+        anchors = np.asarray(anchors, dtype=np.float32)
+        if anchors.ndim != 2 or anchors.shape[1] != self.dim:
+            raise ValueError(f"anchors to append must be (n, {self.dim}), got shape {anchors.shape}")
+        if not len(anchors):
+            return self
+        count = len(anchors)
+        stored, scales = _compress(anchors, self.dtype)
+        new = copy.copy(self)
+        new._store = self._store.write(self._slots, stored, scales)
+        new._slots, new.size = self._slots + count, self.size + count
+        if self._row_of_slot is not None:
+            new._row_of_slot = np.concatenate([self._row_of_slot, np.arange(self.size, new.size)])
+            new._slot_of_row = np.concatenate([self._slot_of_row, np.arange(self._slots, new._slots)])
+        if new.block < min(self._block_request, new._slots) // 2:
+            # Laid out for a much smaller collection: small blocks would make every scan slow.
+            return new._compacted()
+        new._screen_into_blocks(self._slots, new._slots)
+        return new
+
+    def remove(self, rows):
+        """A new index without the anchors at `rows`; this index is unchanged.
+
+        Rows are renumbered as `AnalogyCollection.remove` renumbers its rows (the last rows move into the
+        freed positions, in their order), so an index follows its collection change by change. The
+        removed anchors are masked out of the screening; nothing is copied but two row tables and the
+        masks of the blocks they were in.
+
+        Args:
+            rows: int row numbers in [0, size).
+        """
+        from keras_clip_it.collections.analogy_collection import removal_moves
+
+        drop = np.unique(np.asarray(rows, dtype=np.int64).ravel())
+        if drop.size == 0:
+            return self
+        if drop[0] < 0 or drop[-1] >= self.size:
+            raise ValueError(f"rows to remove must be in [0, {self.size}), got {drop[0]} .. {drop[-1]}")
+        holes, movers = removal_moves(self.size, drop)
+        if self._row_of_slot is None:
+            row_of_slot, slot_of_row = np.arange(self._slots), np.arange(self.size)
+        else:
+            row_of_slot, slot_of_row = self._row_of_slot.copy(), self._slot_of_row.copy()
+        slots = slot_of_row[drop]
+        row_of_slot[slots] = -1
+        row_of_slot[slot_of_row[movers]] = holes
+        slot_of_row[holes] = slot_of_row[movers]
+        new = copy.copy(self)
+        new.size = self.size - drop.size
+        new._row_of_slot, new._slot_of_row = row_of_slot, slot_of_row[: new.size].copy()
+        if new._slots - new.size > max(new.size // 4, self.block):
+            return new._compacted()
+        blocks = list(self._blocks)
+        numbers = slots // self.block
+        for number in np.unique(numbers).tolist():
+            values, scales, bias, offset, filled = blocks[number]
+            bias = np.array(bias)
+            bias[slots[numbers == number] - offset] = -np.inf
+            blocks[number] = (values, scales, _to_device(bias, self.mesh), offset, filled)
+        new._blocks = blocks
+        return new
+
+    def _compacted(self):
+        """A fresh layout of the live anchors in row order (no masked slots, blocks sized for them)."""
+        fresh = copy.copy(self)
+        fresh._lay_out(_Store.gathered(self._store.stored, self._store.scales, self._slot_of_row, self._slots), self.size)
+        return fresh
+
+    # === Stored anchors ===
+
+    @property
+    def stored(self):
+        """The stored anchors (N, D) in row order: float32, float16 or int8 (times `scales`)."""
+        values = self._store.stored[: self._slots]
+        return values if self._slot_of_row is None else values[self._slot_of_row]
+
+    @property
+    def scales(self):
+        """The per-row float32 scales of int8 anchors (N,) in row order, else None."""
+        if self._store.scales is None:
+            return None
+        scales = self._store.scales[: self._slots]
+        return scales if self._slot_of_row is None else scales[self._slot_of_row]
 
     @property
     def nbytes(self):
         """Bytes of the stored anchors (values plus int8 scales), without the screening copy."""
-        return int(self.stored.nbytes + (0 if self.scales is None else self.scales.nbytes))
+        per_row = self.dim * self._store.stored.itemsize + (0 if self._store.scales is None else 4)
+        return int(self.size * per_row)
+
+    def _to_rows(self, slots):
+        return slots if self._row_of_slot is None else self._row_of_slot[slots]
 
     def exact_scores(self, queries, rows, chunk=2):
-        """Exact scores of `queries` (Q, D) against anchor `rows` (Q, m) -> float32 (Q, m).
+        """Exact scores of `queries` (Q, D) against anchor `rows` (Q, m) -> float32 (Q, m)."""
+        rows = np.asarray(rows)
+        return self._exact_scores(queries, rows if self._slot_of_row is None else self._slot_of_row[rows], chunk)
 
-        Runs `chunk` queries at a time so the gathered rows (chunk x m x D) stay small enough to be
-        reused from cache instead of allocating gigabytes for a large batch.
+    def _exact_scores(self, queries, slots, chunk=2):
+        """Exact scores against stored `slots`, `chunk` queries at a time.
+
+        Small chunks keep the gathered rows (chunk x m x D) in cache instead of allocating gigabytes for
+        a large batch.
         """
         queries = np.asarray(queries, np.float32)
-        rows = np.asarray(rows)
-        out = np.empty(rows.shape, np.float32)
-        for start in range(0, len(rows), chunk):
-            part = rows[start : start + chunk]
-            gathered = self.stored[part].astype(np.float32, copy=False)
+        stored, scales = self._store.stored, self._store.scales
+        out = np.empty(slots.shape, np.float32)
+        for start in range(0, len(slots), chunk):
+            part = slots[start : start + chunk]
+            gathered = stored[part].astype(np.float32, copy=False)
             scores = np.einsum("qmd,qd->qm", gathered, queries[start : start + chunk])
-            out[start : start + chunk] = scores if self.scales is None else scores * self.scales[part]
+            out[start : start + chunk] = scores if scales is None else scores * scales[part]
         return out
+
+    # === Search ===
 
     def topk(self, queries, k, margin=None, batch_size=256):
         """The k largest inner products of each query with the anchors, exactly.
@@ -159,20 +308,21 @@ class AnchorIndex:
         threshold = screened[:, k - 1] - 2 * bound
         certified = (kept == self.size) | (screened[:, kept - 1] < threshold)
         # Only candidates above the threshold can be in the top k: rescore just those (the first
-        # `needed` columns, as candidates are sorted by screened score).
+        # `needed` columns, as candidates are sorted by screened score). Masked anchors score -inf, below
+        # any threshold, so they are never rescored.
         needed = max(k, int((screened >= threshold[:, None]).sum(axis=1).max()))
         candidates = candidates[:, :needed]
-        exact = self.exact_scores(queries, candidates)
+        exact = self._exact_scores(queries, candidates)
         order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
         values = np.take_along_axis(exact, order, axis=1)
-        rows = np.take_along_axis(candidates, order, axis=1)
+        rows = self._to_rows(np.take_along_axis(candidates, order, axis=1))
         failed = np.flatnonzero(~certified)
         if failed.size:
             values[failed], rows[failed] = self.dense_topk(queries[failed], k)
         return values, rows
 
     def _scan(self, queries, kept, optimistic):
-        """Running top-`kept` screened scores over all blocks, best first, on the host.
+        """Running top-`kept` screened scores over all blocks, best first, on the host (in slots).
 
         Entries below the running kept-th value can never enter the top-`kept`, so later blocks only
         pass on the few entries above it (`_above`). Early on that bound is weak (after one block of 3%
@@ -182,7 +332,7 @@ class AnchorIndex:
         value, which `complete` reports; the others must be scanned again without it.
 
         Returns:
-            (values (Q, kept), rows (Q, kept), complete bool (Q,)).
+            (values (Q, kept), slots (Q, kept), complete bool (Q,)).
         """
         best_values = np.full((len(queries), 0), -np.inf, np.float32)
         best_rows = np.zeros((len(queries), 0), np.int64)
@@ -193,7 +343,7 @@ class AnchorIndex:
             values, rows = pending
             if number + 1 < len(self._blocks):
                 pending = self._dispatch(queries, number + 1, kept)
-            _, _, offset, valid = self._blocks[number]
+            offset, valid = self._blocks[number][3:]
             if rows is None:
                 values, group_max = (np.asarray(v) for v in values)
                 # Comparing pays once few entries pass: the floor keeps ~2 kept / N of them, the
@@ -212,7 +362,7 @@ class AnchorIndex:
                 keep = np.argpartition(-best_values, kept - 1, axis=1)[:, :kept]
                 best_values = np.take_along_axis(best_values, keep, axis=1)
                 best_rows = np.take_along_axis(best_rows, keep, axis=1)
-            expected = int(np.ceil(2 * kept * valid / self.size))
+            expected = int(np.ceil(2 * kept * valid / self._slots))
             if optimistic and number == 0 and best_values.shape[1] == kept and expected <= kept // 2:
                 floor = -np.partition(-best_values, expected - 1, axis=1)[:, expected - 1]
         order = np.argsort(-best_values, axis=1, kind="stable")
@@ -221,11 +371,11 @@ class AnchorIndex:
 
     def _dispatch(self, queries, number, kept):
         """Starts the product for block `number` (asynchronously); returns device arrays."""
-        anchors, scales, offset, valid = self._blocks[number]
+        anchors, scales, bias, offset, valid = self._blocks[number]
         if self.mesh is None:
-            return _block_scores(queries, anchors, scales), None
+            return _block_scores(queries, anchors, scales, bias), None
         m = min(kept, self.block // self.mesh.devices.size)
-        return _sharded_block_topk(queries, anchors, scales, valid, mesh=self.mesh, m=m)
+        return _sharded_block_topk(queries, anchors, scales, bias, valid, mesh=self.mesh, m=m)
 
     def dense_topk(self, queries, k, batch_size=256):
         """The plain blocked computation: exact float32 scores per block and a running top-k merge.
@@ -234,18 +384,20 @@ class AnchorIndex:
         fallback for queries whose screening is inconclusive, and the reference in tests.
         """
         queries = np.asarray(queries, dtype=np.float32)
+        stored, all_scales = self._store.stored, self._store.scales
         values = np.empty((len(queries), k), np.float32)
         rows = np.empty((len(queries), k), np.int64)
         for start in range(0, len(queries), batch_size):
             batch = queries[start : start + batch_size]
             best_values = np.full((len(batch), 0), -np.inf, np.float32)
             best_rows = np.zeros((len(batch), 0), np.int64)
-            for offset in range(0, self.size, self.block):
-                stop = min(offset + self.block, self.size)
-                anchors = self.stored[offset:stop].astype(np.float32)
-                scores = batch @ anchors.T
-                if self.scales is not None:
-                    scores *= self.scales[offset:stop]
+            for offset in range(0, self._slots, self.block):
+                stop = min(offset + self.block, self._slots)
+                scores = batch @ stored[offset:stop].astype(np.float32).T
+                if all_scales is not None:
+                    scores *= all_scales[offset:stop]
+                if self._row_of_slot is not None:
+                    scores[:, self._row_of_slot[offset:stop] < 0] = -np.inf
                 top = min(k, stop - offset)
                 part = np.argpartition(-scores, top - 1, axis=1)[:, :top]
                 best_values = np.concatenate([best_values, np.take_along_axis(scores, part, axis=1)], axis=1)
@@ -256,8 +408,51 @@ class AnchorIndex:
                     best_rows = np.take_along_axis(best_rows, keep, axis=1)
             order = np.argsort(-best_values, axis=1, kind="stable")
             values[start : start + len(batch)] = np.take_along_axis(best_values, order, axis=1)
-            rows[start : start + len(batch)] = np.take_along_axis(best_rows, order, axis=1)
+            rows[start : start + len(batch)] = self._to_rows(np.take_along_axis(best_rows, order, axis=1))
         return values, rows
+
+
+class _Store:
+    """Stored anchors in slots, with spare capacity: appends write after the used slots, in place.
+
+    Shared by an index and the indexes derived from it. An index reads only its own first slots, so
+    writing after them never changes what an existing index sees; when another derived index already
+    wrote there (two changes from the same index), the writer gets its own copy instead.
+    """
+
+    def __init__(self, stored, scales, used):
+        self.stored, self.scales, self.used = stored, scales, used
+        self.lock = threading.Lock()
+
+    @classmethod
+    def gathered(cls, stored, scales, slots=None, used=None, spare=0):
+        """A new store holding `stored[slots]` (all of the first `used` rows when `slots` is None)."""
+        count = (len(stored) if used is None else used) if slots is None else len(slots)
+        capacity = count + spare + count // 16 + 1024
+        values = np.empty((capacity, stored.shape[1]), stored.dtype)
+        new_scales = None if scales is None else np.empty(capacity, np.float32)
+        if slots is None:
+            values[:count] = stored[:count]
+            if scales is not None:
+                new_scales[:count] = scales[:count]
+        else:
+            np.take(stored, slots, axis=0, out=values[:count])
+            if scales is not None:
+                np.take(scales, slots, out=new_scales[:count])
+        return cls(values, new_scales, count)
+
+    def write(self, at, stored, scales):
+        """Writes rows at slot `at` onward; returns the store now holding them (this one or a copy)."""
+        with self.lock:
+            end = at + len(stored)
+            target = self
+            if self.used != at or end > len(self.stored):
+                target = _Store.gathered(self.stored, self.scales, used=at, spare=len(stored))
+            target.stored[at:end] = stored
+            if scales is not None:
+                target.scales[at:end] = scales
+            target.used = end
+            return target
 
 
 def _above(values, group_max, threshold, valid):
@@ -334,14 +529,17 @@ def _screen_scores(queries, anchors, scales):
 
 
 @jax.jit
-def _block_scores(queries, anchors, scales):
-    """Screened scores of one block and their maxima per group of GROUP anchors (fused, nearly free)."""
-    scores = _screen_scores(queries, anchors, scales)
+def _block_scores(queries, anchors, scales, bias):
+    """Screened scores of one block and their maxima per group of GROUP anchors (fused, nearly free).
+
+    `bias` is 0 for live anchors and -inf for removed ones and padding, which no threshold passes.
+    """
+    scores = _screen_scores(queries, anchors, scales) + bias[None, :]
     return scores, scores.reshape(scores.shape[0], -1, GROUP).max(axis=2)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "m"))
-def _sharded_block_topk(queries, anchors, scales, valid, mesh, m):
+def _sharded_block_topk(queries, anchors, scales, bias, valid, mesh, m):
     """Each device scores its slice of the block and keeps its own top-m; returns all (Q, devices * m).
 
     On accelerators this keeps the selection on the device that holds the anchors: only devices x m
@@ -351,14 +549,56 @@ def _sharded_block_topk(queries, anchors, scales, valid, mesh, m):
     spec = jax.sharding.PartitionSpec
     local_size = anchors.shape[0] // mesh.devices.size
 
-    def local(queries, anchors, scales):
+    def local(queries, anchors, scales, bias):
         first = jax.lax.axis_index(axis) * local_size
-        scores = _screen_scores(queries, anchors, scales)
+        scores = _screen_scores(queries, anchors, scales) + bias[None, :]
         rows = first + jnp.arange(local_size, dtype=jnp.int32)
         values, positions = jax.lax.top_k(jnp.where(rows[None, :] < valid, scores, -jnp.inf), m)
         return values, positions.astype(jnp.int32) + first
 
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(spec(), spec(axis), spec(axis)), out_specs=(spec(None, axis), spec(None, axis)),
-        check_vma=False,
-    )(queries, anchors, scales)
+        local, mesh=mesh, in_specs=(spec(), spec(axis), spec(axis), spec(axis)),
+        out_specs=(spec(None, axis), spec(None, axis)), check_vma=False,
+    )(queries, anchors, scales, bias)
+
+
+def follow(index, collection, kind, fingerprint, version):
+    """`index`, built over `collection` at `version`, brought to the collection's current version.
+
+    Replays the changes the collection recorded since then (`AnalogyCollection.changes_since`) as
+    appends and removals, so the work grows with the pairs changed, not with the collection.
+
+    Args:
+        index: an `AnchorIndex` over `collection.embeddings(kind, fingerprint)` as they were at `version`.
+        collection: the `AnalogyCollection`.
+        kind: "image" or "text".
+        fingerprint: the encoder fingerprint of the indexed embeddings.
+        version: the collection version `index` reflects.
+
+    Returns:
+        The updated index (`index` itself when nothing changed), or None when the changes are no longer
+        recorded: build a new index then.
+
+    Example:
+    >>> from keras_clip_it.collections import AnalogyCollection
+    >>> col = AnalogyCollection()
+    >>> col.add(["a", "b"], embeddings={"text": {"f": np.eye(2, dtype="float32")}})
+    >>> index, version = AnchorIndex(col.embeddings("text", "f")), col.version
+    >>> col.remove(["a"])
+    >>> follow(index, col, "text", "f", version).size
+    1
+    """
+    changes = collection.changes_since(version)
+    if changes is None:
+        return None
+    embeddings = collection.embeddings(kind, fingerprint) if changes else None
+    for change, rows in changes:
+        if change == "add":
+            # Pairs removed again by a later change need no embedding: that change removes their rows.
+            anchors = np.zeros((len(rows), index.dim), np.float32)
+            present = rows >= 0
+            anchors[present] = embeddings[rows[present]]
+            index = index.append(anchors)
+        else:
+            index = index.remove(rows)
+    return index

@@ -117,3 +117,111 @@ def test_sharded_over_four_devices_equals_one_device():
     for dtype in ("float32", "int8"):
         assert result[dtype]["shards"] == 4
         assert result[dtype]["same_rows"] and result[dtype]["max_diff"] == 0.0, result
+
+
+def mirrored(anchors, changes):
+    """Applies ("add", array) / ("remove", rows) to a plain array, renumbering as AnalogyCollection does."""
+    from keras_clip_it.collections.analogy_collection import removal_moves
+
+    anchors = anchors.copy()
+    for change, value in changes:
+        if change == "add":
+            anchors = np.concatenate([anchors, value])
+        else:
+            drop = np.unique(value)
+            holes, movers = removal_moves(len(anchors), drop)
+            anchors[holes] = anchors[movers]
+            anchors = anchors[: len(anchors) - drop.size]
+    return anchors
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_appends_and_removals_equal_a_rebuild_and_leave_the_old_index_alone(dtype):
+    rng = np.random.default_rng(5)
+    anchors, queries = unit(rng.standard_normal((2000, 24))), unit(rng.standard_normal((11, 24)))
+    changes = [
+        ("add", unit(rng.standard_normal((300, 24)))),  # fills the partial last block, then a new one
+        ("remove", rng.choice(2300, 150, replace=False)),
+        ("add", unit(rng.standard_normal((40, 24)))),
+        ("remove", np.arange(2150, 2190)),  # exactly the last rows: nothing moves
+        ("remove", rng.choice(2150, 60, replace=False)),
+    ]
+    first = AnchorIndex(anchors, dtype=dtype, block=256)
+    before = first.topk(queries, 40)
+    index = first
+    for change, value in changes:
+        index = index.append(value) if change == "add" else index.remove(value)
+    final = mirrored(anchors, changes)
+    rebuilt = AnchorIndex(final, dtype=dtype, block=256)
+    assert index.size == rebuilt.size == len(final) == 2090
+    assert index._slots == 2340  # removed anchors are masked, not moved: nothing was compacted
+    np.testing.assert_array_equal(index.stored, rebuilt.stored)
+    for got, want in ((index.topk(queries, 40), rebuilt.topk(queries, 40)), (index.dense_topk(queries, 40), rebuilt.dense_topk(queries, 40))):
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+    assert_same_topk(index.topk(queries, 40), dense_topk(queries, dequantised(rebuilt), 40), dequantised(rebuilt), queries)
+    np.testing.assert_allclose(index.exact_scores(queries, want[1]), want[0], atol=2e-6)
+    # The first index still answers for the anchors it was built on.
+    again = first.topk(queries, 40)
+    np.testing.assert_array_equal(again[1], before[1])
+    assert first.size == 2000
+
+
+def test_many_removals_compact_and_a_small_index_grows_its_blocks():
+    rng = np.random.default_rng(6)
+    anchors, queries = unit(rng.standard_normal((3000, 16))), unit(rng.standard_normal((5, 16)))
+    index = AnchorIndex(anchors, block=256)
+    drop = rng.choice(3000, 1000, replace=False)
+    index = index.remove(drop)
+    # A third of the slots masked is more than a quarter of the live anchors: laid out again, dense.
+    assert index._slots == index.size == 2000 and index._row_of_slot is None
+    final = mirrored(anchors, [("remove", drop)])
+    np.testing.assert_array_equal(index.topk(queries, 20)[1], dense_topk(queries, final, 20)[1])
+    small = AnchorIndex(anchors[:40], block=256)
+    assert small.block == 48
+    grown = small.append(anchors[40:1000])
+    assert grown.block == 256 and grown.size == 1000
+    np.testing.assert_array_equal(grown.topk(queries, 20)[1], dense_topk(queries, anchors[:1000], 20)[1])
+    with pytest.raises(ValueError, match=r"rows to remove must be in \[0, 1000\)"):
+        grown.remove([1000])
+    with pytest.raises(ValueError, match=r"anchors to append must be \(n, 16\)"):
+        grown.append(np.ones((2, 15), np.float32))
+
+
+def test_queries_during_changes_see_one_published_index():
+    """Readers search whatever index is published while a writer appends and removes: every answer is
+    the exact answer for one of the published indexes, never a mix of two."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    anchors, queries = unit(rng.standard_normal((1500, 16))), unit(rng.standard_normal((4, 16)))
+    published = [AnchorIndex(anchors, block=128)]
+    states = [anchors]
+    changes = []
+    for step in range(12):
+        changes.append(("add", unit(rng.standard_normal((50, 16)))) if step % 2 == 0 else ("remove", rng.choice(1500, 40, replace=False)))
+    answers, errors, done = [], [], threading.Event()
+
+    def reader():
+        try:
+            while not done.is_set():
+                number = len(published) - 1
+                answers.append((number, published[number].topk(queries, 10)))
+        except Exception as error:  # reported below, a thread cannot fail the test itself
+            errors.append(error)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for change, value in changes:
+        index = published[-1]
+        published.append(index.append(value) if change == "add" else index.remove(value))
+        states.append(mirrored(states[-1], [(change, value)]))
+    done.set()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(answers) >= 2
+    for number, (values, rows) in answers:
+        want_values, want_rows = dense_topk(queries, states[number], 10)
+        np.testing.assert_allclose(values, want_values, atol=2e-6)
+        np.testing.assert_array_equal(rows, want_rows)

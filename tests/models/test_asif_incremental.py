@@ -1,0 +1,150 @@
+"""ASIF follows collection changes incrementally: same answers as a rebuild, no rebuild, consistent under threads."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from keras_clip_it.collections import AnalogyCollection
+from keras_clip_it.models import asif as asif_module
+from keras_clip_it.models.asif import ASIF
+from tests.models.test_asif import VectorEncoder
+from tests.models.test_asif import unit
+
+IMAGE_DIM, TEXT_DIM = 24, 16
+
+
+def pairs(n, start, seed):
+    rng = np.random.default_rng(seed)
+    return [f"id{i}" for i in range(start, start + n)], unit(rng.standard_normal((n, IMAGE_DIM))), unit(rng.standard_normal((n, TEXT_DIM)))
+
+
+def model(k=30, **kwargs):
+    return ASIF(VectorEncoder(IMAGE_DIM), VectorEncoder(TEXT_DIM), k=k, p=3.0, **kwargs)
+
+
+def add(asif_or_collection, ids, image, text):
+    if isinstance(asif_or_collection, ASIF):
+        asif_or_collection.add(ids, image_embeddings=image, text_embeddings=text, captions=ids)
+    else:
+        asif_or_collection.add(ids, captions=ids, embeddings={"image": {f"vector-{IMAGE_DIM}": image}, "text": {f"vector-{TEXT_DIM}": text}})
+
+
+def rebuilt(collection, order=None):
+    """A new ASIF over a new collection holding the same pairs (in `order` of ids, default the same rows)."""
+    ids = collection.ids if order is None else order
+    rows = collection.rows(ids)
+    fresh = AnalogyCollection(name="rebuilt")
+    add(fresh, ids, collection.embeddings("image", f"vector-{IMAGE_DIM}")[rows], collection.embeddings("text", f"vector-{TEXT_DIM}")[rows])
+    return model(collection=fresh)
+
+
+def by_id(asif, representation):
+    """Each row of a representation as {anchor id: weight}: independent of row numbering."""
+    ids = np.asarray(asif.collection.ids)
+    return [dict(zip(ids[rows].tolist(), values.tolist())) for rows, values in zip(representation.indices, representation.values)]
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """Counts the anchor indexes ASIF builds from scratch."""
+    count = []
+    original = asif_module.AnchorIndex
+
+    def counting(*args, **kwargs):
+        count.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(asif_module, "AnchorIndex", counting)
+    return count
+
+
+def test_add_then_remove_follows_the_index_and_equals_a_rebuild(builds):
+    rng = np.random.default_rng(0)
+    queries, texts = unit(rng.standard_normal((7, IMAGE_DIM))), unit(rng.standard_normal((5, TEXT_DIM)))
+    asif = model()
+    add(asif, *pairs(900, 0, seed=1))
+    asif.encode_images(embeddings=queries), asif.encode_texts(embeddings=texts)
+    assert len(builds) == 2
+    add(asif, *pairs(200, 900, seed=2))
+    asif.remove([f"id{i}" for i in rng.choice(np.setdiff1d(np.arange(1100), [3, 950]), 250, replace=False)])
+    add(asif, *pairs(30, 1100, seed=3))
+    asif.remove(["id1105", "id3", "id950"])
+    image_rep, text_rep = asif.encode_images(embeddings=queries), asif.encode_texts(embeddings=texts)
+    assert len(builds) == 2, "the indexes followed the changes instead of being rebuilt"
+    assert asif.index("image").size == len(asif.collection) == 877
+    # Same collection rows: the same rows and weights, bit for bit.
+    fresh = rebuilt(asif.collection)
+    want_image, want_text = fresh.encode_images(embeddings=queries), fresh.encode_texts(embeddings=texts)
+    np.testing.assert_array_equal(image_rep.indices, want_image.indices)
+    np.testing.assert_array_equal(image_rep.values, want_image.values)
+    np.testing.assert_array_equal(text_rep.indices, want_text.indices)
+    np.testing.assert_array_equal(asif.similarity(image_rep, text_rep), fresh.similarity(want_image, want_text))
+    # Another row order: the anchors behind each representation are the same ids with the same weights.
+    shuffled = rebuilt(asif.collection, order=sorted(asif.collection.ids))
+    got, want = by_id(asif, image_rep), by_id(shuffled, shuffled.encode_images(embeddings=queries))
+    assert [sorted(g) for g in got] == [sorted(w) for w in want]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose([g[i] for i in sorted(g)], [w[i] for i in sorted(w)], rtol=1e-5, atol=1e-7)
+
+
+def test_changes_made_on_the_collection_are_followed_on_the_next_query(builds):
+    rng = np.random.default_rng(4)
+    queries = unit(rng.standard_normal((3, IMAGE_DIM)))
+    collection = AnalogyCollection(name="direct")
+    add(collection, *pairs(500, 0, seed=5))
+    asif = model(collection=collection)
+    asif.encode_images(embeddings=queries)
+    for step in range(5):  # several changes behind: replayed in order, ids added then removed included
+        add(collection, *pairs(20, 500 + 20 * step, seed=6 + step))
+        collection.remove([f"id{500 + 20 * step + 3}", f"id{step}"])
+    collection.remove([f"id{i}" for i in range(505, 515)])
+    got = asif.encode_images(embeddings=queries)
+    assert len(builds) == 1
+    want = rebuilt(collection).encode_images(embeddings=queries)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_array_equal(got.values, want.values)
+    # Replaced embeddings cannot be followed: the next query rebuilds.
+    before = len(builds)
+    collection.set_embeddings("image", f"vector-{IMAGE_DIM}", unit(rng.standard_normal((len(collection), IMAGE_DIM))))
+    assert collection.changes_since(collection.version - 1) is None
+    asif.encode_images(embeddings=queries)
+    assert len(builds) == before + 1
+
+
+def test_queries_during_adds_and_removes_see_the_old_or_the_new_collection():
+    rng = np.random.default_rng(8)
+    queries = unit(rng.standard_normal((2, IMAGE_DIM)))
+    asif = model(k=20)
+    add(asif, *pairs(600, 0, seed=9))
+    gone = rng.permutation(600)
+    changes = [("add", pairs(40, 600 + 40 * i, seed=10 + i)) if i % 2 == 0 else ("remove", [f"id{j}" for j in gone[30 * i : 30 * i + 30]]) for i in range(8)]
+    # The weights a query gets in each successive state, computed without any concurrency.
+    serial = model(k=20)
+    add(serial, *pairs(600, 0, seed=9))
+    expected = [serial.encode_images(embeddings=queries).values]
+    for change, value in changes:
+        add(serial, *value) if change == "add" else serial.remove(value)
+        expected.append(serial.encode_images(embeddings=queries).values)
+    asif.encode_images(embeddings=queries)
+    seen, errors, done = [], [], threading.Event()
+
+    def reader():
+        try:
+            while not done.is_set():
+                seen.append(asif.relative(queries, "image").values)
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for change, value in changes:
+        add(asif, *value) if change == "add" else asif.remove(value)
+    done.set()
+    for thread in threads:
+        thread.join()
+    assert not errors and seen
+    for values in seen:
+        assert any(np.array_equal(values, state) for state in expected), "a query saw a mix of two states"
+    np.testing.assert_array_equal(asif.encode_images(embeddings=queries).values, expected[-1])
