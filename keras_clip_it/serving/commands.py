@@ -36,6 +36,10 @@ def register(subparsers):
     parser.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body, in MiB")
     parser.add_argument("--max-batch", type=int, default=64, help="images, texts or embeddings per request")
     parser.add_argument("--max-image-pixels", type=int, default=16_000_000, help="largest width x height of an image")
+    parser.add_argument(
+        "--encoder-batch", type=int, default=32, help="most images one encoder call gathers from concurrent requests"
+    )
+    parser.add_argument("--warm-up", action="store_true", help="compile every image batch size before serving")
     parser.set_defaults(func=run)
 
 
@@ -109,6 +113,13 @@ def run(args):
     limits = Limits(
         body_bytes=int(args.max_body_mb * 2**20), batch=args.max_batch, image_pixels=args.max_image_pixels
     )
-    app = create_app(model, collections=collections, limits=limits, allow_uris=args.allow_uris)
+    app = create_app(
+        model,
+        collections=collections,
+        limits=limits,
+        allow_uris=args.allow_uris,
+        encoder_batch=args.encoder_batch,
+        warm_up=args.warm_up,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -130,7 +130,9 @@ class _Batcher:
 
     def __init__(self, function, max_items):
         self._function = function
-        self._max_items = max_items
+        self.max_items = int(max_items)
+        if self.max_items < 1:
+            raise ValueError(f"encoder_batch must be a positive integer, got {max_items}")
         self._jobs = queue.Queue()
         self._thread = None
         self._start_lock = threading.Lock()
@@ -162,7 +164,7 @@ class _Batcher:
             if job is None:
                 return
             jobs, count = [job], len(job[0])
-            while count < self._max_items:
+            while count < self.max_items:
                 try:
                     job = self._jobs.get_nowait()
                 except queue.Empty:
@@ -196,15 +198,21 @@ class Service:
             activate by name, in addition to the model's own and the installed plugins' collections.
         limits: a `Limits`.
         allow_uris: whether clients may activate collections by URI or path (off: only names).
+        encoder_batch: most images or texts one encoder call takes from concurrent requests (1: no
+            micro-batching).
     """
 
-    def __init__(self, model, collections=(), limits=None, allow_uris=False):
+    def __init__(self, model, collections=(), limits=None, allow_uris=False, encoder_batch=32):
         self.limits = limits or Limits()
         self.allow_uris = bool(allow_uris)
         self.is_asif = hasattr(model, "relative") and hasattr(model, "text_encoder")
         if not self.is_asif and not hasattr(model, "encode_images"):
             raise TypeError(f"create_app serves a kci.ASIF or a kci.DualEncoder, got {type(model).__name__}")
         self.model = model
+        # Keras on JAX replaces a model's weight buffers while it predicts, so reading the weights from
+        # another thread (encoder fingerprints: ASIF.use, ASIF.index, collection.embed) can fail with
+        # "Array has been deleted". Every use of an encoder holds its lock; fingerprints are read once.
+        self._encoder_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._label_lock = threading.Lock()
         self._labels = OrderedDict()
@@ -212,10 +220,11 @@ class Service:
         if self.is_asif:
             self.image_dim = model.image_encoder.embedding_dim
             self.text_dim = model.text_encoder.embedding_dim
-            self._embed_images = _Batcher(model.image_encoder.embed, self.limits.batch)
-            self._embed_texts = _Batcher(model.text_encoder.embed, max(self.limits.batch, 256))
+            self.fingerprints = {"image": model.image_encoder.fingerprint, "text": model.text_encoder.fingerprint}
+            self._embed_images = _Batcher(self._locked(model.image_encoder.embed), encoder_batch)
+            self._embed_texts = _Batcher(self._locked(model.text_encoder.embed), encoder_batch)
             for collection in collections or ():
-                self._register(self._load(collection) if isinstance(collection, str) else collection)
+                self._register(self._load(collection, trusted=True) if isinstance(collection, str) else collection)
             self.snapshot = Snapshot(0, None, None, None)
             if model.collection is not None:
                 own = self._own_copy(model.collection)
@@ -225,9 +234,25 @@ class Service:
             if collections:
                 raise ValueError("a DualEncoder has no analogy collection: pass collections= only with an ASIF")
             self.image_dim = self.text_dim = int(model.projection_dim)
-            self._embed_images = _Batcher(model.encode_images, self.limits.batch)
-            self._embed_texts = _Batcher(model.encode_texts, max(self.limits.batch, 256))
+            self._embed_images = _Batcher(self._locked(model.encode_images), encoder_batch)
+            self._embed_texts = _Batcher(self._locked(model.encode_texts), encoder_batch)
             self.snapshot = Snapshot(None, None, None, model)
+
+    def _locked(self, function):
+        def run(*args, **kwargs):
+            with self._encoder_lock:
+                return function(*args, **kwargs)
+
+        return run
+
+    def warm_up(self):
+        """Compiles the image tower for every batch size micro-batching can form, so no client pays for it."""
+        size = 1
+        while True:
+            self._embed_images([np.zeros((8, 8, 3), np.uint8)] * size)
+            if size >= self._embed_images.max_items:
+                return
+            size = min(2 * size, self._embed_images.max_items)
 
     def stop(self):
         self._embed_images.stop()
@@ -382,9 +407,10 @@ class Service:
                 f"{field} rows have {sorted(lengths)[:5]} values, this model's embeddings have {dim}: send "
                 "embeddings from the same encoder (POST /v1/embed returns them)",
             )
-        array = np.asarray(rows, np.float32)
-        if not np.all(np.isfinite(array)):
+        array = np.asarray(rows, np.float64)
+        if not np.all(np.abs(array) <= np.finfo(np.float32).max):
             raise ApiError(422, "not_finite", f"{field} holds values too large for float32: send unit-norm rows")
+        array = array.astype(np.float32)
         norms = np.linalg.norm(array, axis=1)
         if np.any(norms == 0):
             raise ApiError(422, "zero_embedding", f"{field} row {int(np.argmin(norms))} is all zeros: it has no direction")
@@ -435,8 +461,8 @@ class Service:
                     ids,
                     captions=captions,
                     embeddings={
-                        "image": {self.model.image_encoder.fingerprint: image_rows},
-                        "text": {self.model.text_encoder.fingerprint: text_rows},
+                        "image": {self.fingerprints["image"]: image_rows},
+                        "text": {self.fingerprints["text"]: text_rows},
                     },
                 )
             except ValueError as error:
@@ -462,25 +488,27 @@ class Service:
         if not self.is_asif:
             raise ApiError(409, "no_collections", "this server runs a DualEncoder, which has no analogy collection")
 
-    def _load(self, name):
+    def _load(self, name, trusted=False):
+        """Loads and embeds a collection by name (or URI: from the operator, or from clients if allowed)."""
         from keras_clip_it import collections as registry
 
-        is_uri = "://" in name or name.startswith((".", "/", "~")) or "\\" in name
-        if is_uri and not self.allow_uris:
-            raise ApiError(
-                403,
-                "uris_not_allowed",
-                f"{name!r} is a URI or path; this server activates collections by name only (start it with "
-                "--allow-uris to accept URIs)",
-            )
-        if not is_uri and name not in registry.available():
-            known = sorted(set(self._registered) | set(registry.available()))
+        available = registry.available()
+        if name not in available and not (self.allow_uris or trusted):
+            if "://" in name or name.startswith((".", "/", "~")) or "\\" in name:
+                raise ApiError(
+                    403,
+                    "uris_not_allowed",
+                    f"{name!r} is a URI or path; this server activates collections by name only (start it with "
+                    "--allow-uris to accept URIs)",
+                )
+            known = sorted(set(self._registered) | set(available))
             raise ApiError(404, "unknown_collection", f"no collection named {name!r}; available: {known}")
         try:
             collection = registry.load(name)
         except (LookupError, FileNotFoundError, ValueError, OSError) as error:
             raise ApiError(404, "unknown_collection", f"cannot open collection {name!r}: {error}") from None
-        collection.embed(image_encoder=self.model.image_encoder, text_encoder=self.model.text_encoder)
+        with self._encoder_lock:
+            collection.embed(image_encoder=self.model.image_encoder, text_encoder=self.model.text_encoder)
         return collection
 
     def _register(self, collection):
@@ -489,7 +517,6 @@ class Service:
 
     def _own_copy(self, collection):
         """A copy holding this model's embeddings only, which the server may edit and publish."""
-        fingerprints = {"image": self.model.image_encoder.fingerprint, "text": self.model.text_encoder.fingerprint}
         copy = AnalogyCollection(name=collection.name, language=collection.language)
         if len(collection):
             copy.add(
@@ -497,7 +524,7 @@ class Service:
                 captions=collection.captions,
                 image_refs=collection.image_refs,
                 metadata=collection.metadata,
-                embeddings={kind: {fp: collection.embeddings(kind, fp)} for kind, fp in fingerprints.items()},
+                embeddings={kind: {fp: collection.embeddings(kind, fp)} for kind, fp in self.fingerprints.items()},
             )
         return copy
 
@@ -506,19 +533,20 @@ class Service:
         from keras_clip_it.models.asif import ASIF
 
         model = self.model
-        asif = ASIF(
-            model.image_encoder,
-            model.text_encoder,
-            k=model.k,
-            p=model.p,
-            collection=collection,
-            anchor_dtype=model.anchor_dtype,
-            unknown_threshold=model.unknown_threshold,
-            mesh=model.mesh,
-        )
-        if len(collection):
-            for kind, dim in (("image", self.image_dim), ("text", self.text_dim)):
-                asif.relative(np.ones((1, dim), np.float32), kind)  # builds (and compiles) the index now
+        with self._encoder_lock:  # ASIF.use and ASIF.index read the encoders' fingerprints
+            asif = ASIF(
+                model.image_encoder,
+                model.text_encoder,
+                k=model.k,
+                p=model.p,
+                collection=collection,
+                anchor_dtype=model.anchor_dtype,
+                unknown_threshold=model.unknown_threshold,
+                mesh=model.mesh,
+            )
+            if len(collection):
+                for kind, dim in (("image", self.image_dim), ("text", self.text_dim)):
+                    asif.relative(np.ones((1, dim), np.float32), kind)  # builds (and compiles) the index now
         self.snapshot = Snapshot(self.snapshot.version + 1, collection.name, collection, asif)
         return {"collection": self.snapshot.info()}
 
@@ -741,7 +769,7 @@ class _BodyGuard:
         return await self.app(scope, replay, send)
 
 
-def create_app(model, collections=(), limits=None, allow_uris=False):
+def create_app(model, collections=(), limits=None, allow_uris=False, encoder_batch=32, warm_up=False):
     """A FastAPI application serving `model` over HTTP: /v1/embed, /v1/classify, /v1/retrieve, /v1/collections.
 
     Every answer names the collection version it was computed on; collection changes (activate, add,
@@ -756,6 +784,10 @@ def create_app(model, collections=(), limits=None, allow_uris=False):
         limits: a `Limits` (defaults: 16 MiB bodies, 16M-pixel images, 64 items per request...).
         allow_uris: bool; when True, clients may activate collections stored at URIs or paths on the
             server's file systems (keep it off for servers reachable by untrusted clients).
+        encoder_batch: int, most images (or texts) one encoder call gathers from concurrent requests;
+            1 turns micro-batching off.
+        warm_up: bool; compile the image tower for every batch size before serving (slower start, no
+            compilation pauses later).
 
     Returns:
         A `fastapi.FastAPI` application; its `state.service` is the `Service`.
@@ -768,7 +800,9 @@ def create_app(model, collections=(), limits=None, allow_uris=False):
     >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
     """
     limits = limits or Limits()
-    service = Service(model, collections=collections, limits=limits, allow_uris=allow_uris)
+    service = Service(model, collections=collections, limits=limits, allow_uris=allow_uris, encoder_batch=encoder_batch)
+    if warm_up:
+        service.warm_up()
     s = _schemas(limits)
     errors = {status: {"model": ErrorBody} for status in (400, 403, 404, 409, 413, 415, 422)}
 
