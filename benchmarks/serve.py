@@ -49,8 +49,17 @@ def free_port():
 def start_server(lang, encoder_batch, log_path, timeout):
     port = free_port()
     command = [
-        sys.executable, "-m", "keras_clip_it.cli", "serve", "--lang", lang, "--port", str(port),
-        "--encoder-batch", str(encoder_batch), "--warm-up",
+        sys.executable,
+        "-m",
+        "keras_clip_it.cli",
+        "serve",
+        "--lang",
+        lang,
+        "--port",
+        str(port),
+        "--encoder-batch",
+        str(encoder_batch),
+        "--warm-up",
     ]
     log = open(log_path, "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -128,7 +137,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lang", default="it", choices=["it", "en"])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=12, help="requests per client at each level (at least 24 in all)")
+    parser.add_argument(
+        "--requests", type=int, default=8, help="requests per client at each level (at least 24 in all)"
+    )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--startup-timeout", type=float, default=3600, help="seconds to wait for each server")
     args = parser.parse_args()
@@ -151,7 +162,7 @@ def main():
             levels = []
             for clients in args.clients:
                 bodies = requests_for(args.lang, max(24, clients * args.requests), seed=clients)
-                run_level(url, clients, bodies[: 2 * clients])  # settles connections and threads
+                run_level(url, clients, bodies[:clients])  # opens the connections and server threads
                 level = run_level(url, clients, bodies)
                 print(name, json.dumps(level), flush=True)
                 levels.append(level)

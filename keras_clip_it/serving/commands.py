@@ -110,9 +110,7 @@ def run(args):
     except (ValueError, LookupError, OSError) as error:
         print(f"keras-clip-it serve: error: {error}", file=sys.stderr)
         return 1
-    limits = Limits(
-        body_bytes=int(args.max_body_mb * 2**20), batch=args.max_batch, image_pixels=args.max_image_pixels
-    )
+    limits = Limits(body_bytes=int(args.max_body_mb * 2**20), batch=args.max_batch, image_pixels=args.max_image_pixels)
     app = create_app(
         model,
         collections=collections,

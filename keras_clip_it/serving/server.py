@@ -326,7 +326,9 @@ class Service:
     def _rows(self, inputs, where):
         """(embeddings, kind) of a retrieve side: images, texts or precomputed embeddings of either."""
         if inputs.images is not None or inputs.image_embeddings is not None:
-            rows = self._image_rows(inputs.images, inputs.image_embeddings, f"{where}.images", f"{where}.image_embeddings")
+            rows = self._image_rows(
+                inputs.images, inputs.image_embeddings, f"{where}.images", f"{where}.image_embeddings"
+            )
             return rows, "image"
         if inputs.texts is not None:
             return self._embed_texts(inputs.texts), "text"
@@ -373,17 +375,23 @@ class Service:
             try:
                 data = base64.b64decode(_DATA_URL.sub("", text, count=1), validate=True)
             except (binascii.Error, ValueError):
-                raise ApiError(422, "invalid_base64", f"{where} is not valid base64: send the file's bytes base64-encoded") from None
+                raise ApiError(
+                    422, "invalid_base64", f"{where} is not valid base64: send the file's bytes base64-encoded"
+                ) from None
             if not data:
                 raise ApiError(422, "empty_image", f"{where} is empty (0 bytes): send a complete image file")
             try:
                 with Image.open(io.BytesIO(data)) as header:
                     width, height = header.size
             except Image.DecompressionBombError:
-                raise ApiError(413, "image_too_large", f"{where} claims too many pixels to decode safely: resize it") from None
+                raise ApiError(
+                    413, "image_too_large", f"{where} claims too many pixels to decode safely: resize it"
+                ) from None
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
                 raise ApiError(
-                    422, "invalid_image", f"{where} is not a readable image ({error}): send a JPEG, PNG, GIF, BMP or WebP"
+                    422,
+                    "invalid_image",
+                    f"{where} is not a readable image ({error}): send a JPEG, PNG, GIF, BMP or WebP",
                 ) from None
             if width * height > self.limits.image_pixels:
                 raise ApiError(
@@ -413,7 +421,9 @@ class Service:
         array = array.astype(np.float32)
         norms = np.linalg.norm(array, axis=1)
         if np.any(norms == 0):
-            raise ApiError(422, "zero_embedding", f"{field} row {int(np.argmin(norms))} is all zeros: it has no direction")
+            raise ApiError(
+                422, "zero_embedding", f"{field} row {int(np.argmin(norms))} is all zeros: it has no direction"
+            )
         return array / norms[:, None]
 
     # === Collections ===
@@ -426,7 +436,8 @@ class Service:
         except Exception:  # a broken plugin environment must not break the listing of what is loaded
             available = []
         registered = [
-            {"name": name, "language": col.language, "pairs": len(col)} for name, col in sorted(self._registered.items())
+            {"name": name, "language": col.language, "pairs": len(col)}
+            for name, col in sorted(self._registered.items())
         ]
         return {
             "active": self.snapshot.info(),
@@ -445,7 +456,11 @@ class Service:
 
     def add(self, ids, captions, images=None, image_embeddings=None, text_embeddings=None):
         self._require_asif()
-        for field, values in (("captions", captions), ("image rows", images or image_embeddings), ("text_embeddings", text_embeddings)):
+        for field, values in (
+            ("captions", captions),
+            ("image rows", images or image_embeddings),
+            ("text_embeddings", text_embeddings),
+        ):
             if values is not None and len(values) != len(ids):
                 raise ApiError(422, "misaligned", f"{len(values)} {field} for {len(ids)} ids: send one per id")
         image_rows = self._image_rows(images, image_embeddings, "images", "image_embeddings")
@@ -582,7 +597,9 @@ def _schemas(limits):
 
         @model_validator(mode="after")
         def _one(self):
-            given = [f for f in ("images", "texts", "image_embeddings", "text_embeddings") if getattr(self, f) is not None]
+            given = [
+                f for f in ("images", "texts", "image_embeddings", "text_embeddings") if getattr(self, f) is not None
+            ]
             if len(given) != 1:
                 raise ValueError(f"give exactly one of images, texts, image_embeddings, text_embeddings (got {given})")
             return self
@@ -603,10 +620,12 @@ def _schemas(limits):
         """Images (or their embeddings) to classify among labels, captioned through templates."""
 
         labels: Annotated[list[Name], Field(min_length=1, max_length=limits.labels)]
-        templates: Optional[Union[Text, Annotated[list[Text], Field(min_length=1, max_length=limits.templates)]]] = Field(
-            None,
-            description="None (labels as captions), a set ('en', 'en-short', 'it', 'it-short'), a template with "
-            "'{}', or a list of templates",
+        templates: Optional[Union[Text, Annotated[list[Text], Field(min_length=1, max_length=limits.templates)]]] = (
+            Field(
+                None,
+                description="None (labels as captions), a set ('en', 'en-short', 'it', 'it-short'), a template with "
+                "'{}', or a list of templates",
+            )
         )
         images: items(Image64, limits.batch) = None
         image_embeddings: items(Vector, limits.batch) = None
@@ -736,7 +755,9 @@ class _BodyGuard:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        too_large = _error(413, "body_too_large", f"the request body is larger than {self.max_bytes:,} bytes: send less per request")
+        too_large = _error(
+            413, "body_too_large", f"the request body is larger than {self.max_bytes:,} bytes: send less per request"
+        )
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await too_large(scope, receive, send)
@@ -755,7 +776,9 @@ class _BodyGuard:
         content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if body and not (content_type == b"application/json" or content_type.endswith(b"+json")):
             shown = content_type.decode("latin-1") or "none"
-            error = _error(415, "unsupported_media_type", f"the body must be JSON (Content-Type: application/json), got {shown}")
+            error = _error(
+                415, "unsupported_media_type", f"the body must be JSON (Content-Type: application/json), got {shown}"
+            )
             return await error(scope, receive, send)
         replayed = False
 
@@ -826,7 +849,11 @@ def create_app(model, collections=(), limits=None, allow_uris=False, encoder_bat
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, error):
         details = [
-            {"loc": [str(part) for part in item.get("loc", ())], "msg": str(item.get("msg", "")), "type": str(item.get("type", ""))}
+            {
+                "loc": [str(part) for part in item.get("loc", ())],
+                "msg": str(item.get("msg", "")),
+                "type": str(item.get("type", "")),
+            }
             for item in error.errors()[:20]
         ]
         where = "; ".join(f"{'.'.join(d['loc'][1:]) or 'body'}: {d['msg']}" for d in details[:3])
@@ -871,7 +898,9 @@ def create_app(model, collections=(), limits=None, allow_uris=False, encoder_bat
     @app.post("/v1/collections/pairs", response_model=s["ChangeResponse"], responses=errors, tags=["collections"])
     def add_pairs(request: s["AddRequest"]):
         """Adds pairs to the active collection (a new one named 'default' if none is active)."""
-        return service.add(request.ids, request.captions, request.images, request.image_embeddings, request.text_embeddings)
+        return service.add(
+            request.ids, request.captions, request.images, request.image_embeddings, request.text_embeddings
+        )
 
     @app.post("/v1/collections/remove", response_model=s["ChangeResponse"], responses=errors, tags=["collections"])
     def remove_pairs(request: s["RemoveRequest"]):

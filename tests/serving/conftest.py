@@ -39,8 +39,13 @@ def make_image_encoder():
 def make_text_encoder():
     keras.utils.set_random_seed(1)
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=len(VOCAB), num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
-        max_sequence_length=64, dropout=0.0,
+        vocabulary_size=len(VOCAB),
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=64,
+        dropout=0.0,
     )
     preprocessor = keras_hub.models.BertTextClassifierPreprocessor(HFBertTokenizer(VOCAB), sequence_length=32)
     return kci.TextEncoder(backbone, preprocessor)

@@ -52,11 +52,13 @@ def test_classify_with_images_equals_asif_classify(asif_server, client, encoders
     assert [p["label"] for p in body["predictions"]] == expected.labels
     by_embedding = client.post(
         "/v1/classify",
-        json={"image_embeddings": image_encoder.embed(images).tolist(), "labels": LABELS, "templates": "a photo of a {}"},
+        json={
+            "image_embeddings": image_encoder.embed(images).tolist(),
+            "labels": LABELS,
+            "templates": "a photo of a {}",
+        },
     ).json()
-    np.testing.assert_allclose(
-        [p["scores"] for p in by_embedding["predictions"]], expected.scores, atol=1e-5
-    )
+    np.testing.assert_allclose([p["scores"] for p in by_embedding["predictions"]], expected.scores, atol=1e-5)
 
 
 def test_retrieve_ranks_the_gallery_by_asif_similarity(asif_server, client, encoders):
@@ -65,10 +67,16 @@ def test_retrieve_ranks_the_gallery_by_asif_similarity(asif_server, client, enco
     images = pictures(5, seed=4)
     body = client.post(
         "/v1/retrieve",
-        json={"queries": {"texts": ["cat", "a boat"]}, "gallery": {"images": [b64(encode_image(i)) for i in images]}, "top_k": 3},
+        json={
+            "queries": {"texts": ["cat", "a boat"]},
+            "gallery": {"images": [b64(encode_image(i)) for i in images]},
+            "top_k": 3,
+        },
     ).json()
     reference = kci.ASIF(image_encoder, text_encoder, k=8, p=3.0, collection=service.snapshot.collection)
-    order, scores = reference.retrieve(reference.encode_texts(["cat", "a boat"]), reference.encode_images(images), top_k=3)
+    order, scores = reference.retrieve(
+        reference.encode_texts(["cat", "a boat"]), reference.encode_images(images), top_k=3
+    )
     assert [[m["index"] for m in row] for row in body["matches"]] == order.tolist()
     np.testing.assert_allclose([[m["score"] for m in row] for row in body["matches"]], scores, atol=1e-5)
 
@@ -102,7 +110,9 @@ def test_collection_changes_are_versioned_and_listed(encoders):
             assert listing["active"] == removed["collection"]
             assert {"name": "default", "language": "en", "pairs": 2} in listing["registered"]
             assert "emoji-it" in listing["available"] and listing["uris_allowed"] is False
-            answer = http.post("/v1/classify", json={"image_embeddings": unit_rows(rng, 2, 24).tolist(), "labels": ["cat", "dog"]})
+            answer = http.post(
+                "/v1/classify", json={"image_embeddings": unit_rows(rng, 2, 24).tolist(), "labels": ["cat", "dog"]}
+            )
             assert answer.status_code == 200 and answer.json()["collection"]["version"] == 3
         assert asif.collection is None  # the server never edits the model it was given
     finally:

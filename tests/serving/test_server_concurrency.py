@@ -49,7 +49,10 @@ def test_classify_during_collection_changes_sees_one_version(encoders):
     image_encoder, text_encoder = encoders
     alpha = random_collection("alpha", 40, image_encoder, text_encoder, seed=11)
     beta = random_collection("beta", 32, image_encoder, text_encoder, seed=12)
-    states = {"alpha": as_state(alpha, image_encoder, text_encoder), "beta": as_state(beta, image_encoder, text_encoder)}
+    states = {
+        "alpha": as_state(alpha, image_encoder, text_encoder),
+        "beta": as_state(beta, image_encoder, text_encoder),
+    }
     asif = kci.ASIF(image_encoder, text_encoder, k=K, p=P, collection=alpha)
     server = serve(kci.serving.create_app(asif, collections=[beta]))
     versions = {1: ("alpha", dict(states["alpha"]))}
@@ -77,10 +80,15 @@ def test_classify_during_collection_changes_sees_one_version(encoders):
                     ids = [f"new-{step}-{i}" for i in range(2)]
                     images = unit_rows(rng, 2, image_encoder.embedding_dim)
                     texts = unit_rows(rng, 2, text_encoder.embedding_dim)
-                    request = ("/v1/collections/pairs", {
-                        "ids": ids, "captions": ["new", "pair"],
-                        "image_embeddings": images.tolist(), "text_embeddings": texts.tolist(),
-                    })
+                    request = (
+                        "/v1/collections/pairs",
+                        {
+                            "ids": ids,
+                            "captions": ["new", "pair"],
+                            "image_embeddings": images.tolist(),
+                            "text_embeddings": texts.tolist(),
+                        },
+                    )
                     states[active].update({i: (im, tx) for i, im, tx in zip(ids, images, texts)})
                 elif step % 3 == 1:
                     ids = [str(i) for i in rng.choice(sorted(states[active]), 2, replace=False)]
