@@ -1,0 +1,270 @@
+"""What the training recipes share: the command line, backend and devices, cached features, results.
+
+Each recipe reads top to bottom as a complete example of building, training and evaluating a
+`kci.DualEncoder`; the plumbing that is the same in all of them lives here. Nothing here imports Keras
+at module level: the backend is chosen from the command line and must be set before Keras is imported.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import time
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results")
+DISTRIBUTIONS = ("none", "data-parallel", "tpu")
+# The pretrained text towers: English sentence embeddings, and a multilingual model for Italian.
+TEXT_PRESETS = {"en": "all_minilm_l6_v2", "it": "multilingual_e5_small"}
+
+
+def parse_args(doc, epochs, batch_size, learning_rate, lang="en", extra=None):
+    """The options every recipe takes; `extra(parser)` adds a recipe's own."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--backend", choices=("jax", "tensorflow"), default="jax")
+    parser.add_argument("--distribution", choices=DISTRIBUTIONS, default="none",
+                        help="none: one device; data-parallel: every local device (keras.distribution.DataParallel\n"
+                             "on JAX, tf.distribute.MirroredStrategy on TensorFlow); tpu: the TPU cores\n"
+                             "(DataParallel on JAX, TPUStrategy on TensorFlow)")
+    parser.add_argument("--tpu", default="", help="TPU name or address for TPUStrategy (default: the local TPU VM)")
+    parser.add_argument("--cpu-devices", type=int, default=0,
+                        help="split the host CPU into this many devices, to try data-parallel without accelerators")
+    parser.add_argument("--lang", choices=sorted(TEXT_PRESETS), default=lang, help="language of the captions")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="global batch, over all devices")
+    parser.add_argument("--learning-rate", type=float, default=learning_rate)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true",
+                        help="a few steps on a few pairs, to check that everything runs (results not written)")
+    parser.add_argument("--output", default=None,
+                        help="results JSON (default benchmarks/results/train_<recipe>_<lang>.json, not with --quick)")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args()
+    if args.batch_size < 2:
+        parser.error("--batch-size must be at least 2: a contrastive batch needs negatives")
+    return args
+
+
+def set_backend(args):
+    """Selects the Keras backend and the host devices; call before importing keras or keras_clip_it."""
+    os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.cpu_devices > 1 and args.backend == "jax":
+        flag = f"--xla_force_host_platform_device_count={args.cpu_devices}"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    import tensorflow as tf
+
+    # tf.data feeds every backend; it must never take an accelerator away from JAX.
+    tf.config.set_visible_devices([], "GPU")
+    if args.cpu_devices > 1 and args.backend == "tensorflow":
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.cpu_devices)
+
+
+class Distribution:
+    """Where training runs: `scope()` wraps building and compiling the model, `devices` says how many.
+
+    On JAX a `keras.distribution.DataParallel` is set globally: each step is one program over the global
+    batch, sharded by XLA. On TensorFlow the model must be created inside a `tf.distribute` strategy's
+    scope; `fit` then splits every batch over the replicas and the loss gathers the embeddings back.
+    """
+
+    def __init__(self, args):
+        import keras
+
+        self.kind = args.distribution
+        self.strategy = None
+        self.devices = 1
+        if self.kind == "none":
+            return
+        if keras.backend.backend() == "jax":
+            import jax
+
+            if self.kind == "tpu" and jax.default_backend() != "tpu":
+                raise SystemExit(f"--distribution tpu: JAX sees no TPU (its devices: {jax.devices()}); "
+                                 "run on a TPU VM, or use --distribution data-parallel")
+            devices = keras.distribution.list_devices()
+            keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+            self.devices = len(devices)
+            return
+        import tensorflow as tf
+
+        if self.kind == "tpu":
+            try:
+                resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=args.tpu)
+                tf.config.experimental_connect_to_cluster(resolver)
+                tf.tpu.experimental.initialize_tpu_system(resolver)
+            except (ValueError, tf.errors.OpError) as error:
+                raise SystemExit(f"--distribution tpu: no TPU found ({error}); pass --tpu NAME, run on a TPU VM, "
+                                 "or use --distribution data-parallel") from None
+            self.strategy = tf.distribute.TPUStrategy(resolver)
+        else:
+            gpus = tf.config.list_logical_devices("GPU")
+            devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+            self.strategy = tf.distribute.MirroredStrategy(devices=devices)
+        self.devices = self.strategy.num_replicas_in_sync
+
+    def scope(self):
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+    def describe(self):
+        return f"{self.kind} ({self.devices} device{'s' if self.devices > 1 else ''})"
+
+
+def emoji_split(kci, lang, split, quick):
+    """The embedded emoji pairs of one split (a few of them with --quick)."""
+    images, captions = kci.datasets.emoji_pairs(lang=lang, split=split)
+    if quick:
+        count = 64 if split == "train" else 32
+        images, captions = images[:count], captions[:count]
+    return images, list(captions)
+
+
+def shorten_sequences(text_encoder, captions, multiple=8):
+    """Pads captions to the longest training caption (rounded up to `multiple`), not the tower's 256-512.
+
+    `kci.data.pairs` pads every batch to the preprocessor's sequence length (static shapes); emoji names
+    are a few tokens long, so the default length would spend most of each step on padding.
+    """
+    longest = int(text_encoder.tokenize(captions)["padding_mask"].sum(axis=1).max())
+    text_encoder.preprocessor.sequence_length = min(-(-longest // multiple) * multiple, text_encoder.sequence_length)
+    return text_encoder.sequence_length
+
+
+def blocks_above_embeddings(encoder):
+    """How many of a text backbone's top groups follow its embeddings: what `lock(unlocked_groups=)` takes
+    to train every transformer block while the token embeddings stay frozen."""
+    from keras_clip_it.models.dual_encoder import layer_groups
+
+    groups = layer_groups(encoder.backbone)
+    first = next(i for i, group in enumerate(groups) if "embedding" not in group.name)
+    return len(groups) - first
+
+
+def cached_features(encoder, images, key):
+    """`encoder.embed(images)`, cached as .npy under the package cache, keyed by the encoder's weights.
+
+    A locked tower gives the same features in every epoch, so they are computed once and reused by
+    later runs (and by the other language).
+    """
+    import numpy as np
+
+    from keras_clip_it.encoders import presets
+
+    folder = os.path.join(presets.cache_dir(), "recipes")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"features_{encoder.fingerprint[:16]}_{key}.npy")
+    if os.path.exists(path):
+        return np.load(path, allow_pickle=False)
+    features = encoder.embed(images, progress=False)
+    np.save(path + ".tmp.npy", features)
+    os.replace(path + ".tmp.npy", path)
+    return features
+
+
+def _cached_features_layer():
+    import keras
+    import numpy as np
+
+    class CachedFeatures(keras.layers.Layer):
+        """Stands in for a locked image tower whose features were computed once: passes them through.
+
+        A `DualEncoder` built on it trains its heads (and the text tower) on cached features; the heads
+        then move to the model with the real tower (`copy_heads`). Its `preprocess` stacks feature rows,
+        so `encode_images(list(features))` works as with pixels.
+        """
+
+        def __init__(self, embedding_dim, **kwargs):
+            super().__init__(**kwargs)
+            self.embedding_dim = int(embedding_dim)
+
+        def call(self, features, training=False):
+            return features
+
+        def preprocess(self, rows):
+            return np.asarray(np.stack(rows), np.float32)
+
+    return CachedFeatures
+
+
+def CachedFeatures(embedding_dim):  # noqa: N802 (a class, made on first use: Keras is imported late)
+    """A pass-through image tower for features computed once by a locked tower."""
+    return _cached_features_layer()(embedding_dim, name="cached_image_features")
+
+
+def feature_pairs(features, tokens, batch_size, seed):
+    """The `fit` input of a model on `CachedFeatures`: what `kci.data.pairs` gives, with features for pixels."""
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices({"images": features, "texts": tokens})
+    dataset = dataset.shuffle(len(features), seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def copy_heads(source, target):
+    """Copies the projection heads and the temperature of one dual encoder into another."""
+    import numpy as np
+
+    for name in ("image_projection", "text_projection"):
+        getattr(target, name).set_weights(getattr(source, name).get_weights())
+    # A numpy copy: on JAX the two models must not share one buffer (a step may donate it).
+    target.log_logit_scale.assign(np.asarray(source.log_logit_scale))
+
+
+class Timer:
+    """Wall-clock seconds of a block: `with timer("fit"): ...`, then `timer.seconds["fit"]`."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        print(f"{name}: {self.seconds[name]:.0f}s", flush=True)
+
+
+def report(recipe, args, distribution, metrics, test_pairs, **details):
+    """Prints held-out recall both ways as a table and writes the results JSON (not for --quick runs)."""
+    import keras
+
+    chance = 1.0 / test_pairs
+    print(f"\n{recipe}, {args.lang}, {args.backend}, {distribution.describe()}: {test_pairs} held-out pairs, "
+          f"chance R@1 = {chance:.4f}")
+    print("| direction | R@1 | R@5 | R@10 | R@1 / chance |\n|---|---|---|---|---|")
+    for direction, label in (("image_to_text", "image -> caption"), ("text_to_image", "caption -> image")):
+        r = [metrics[f"{direction}_R@{k}"] for k in (1, 5, 10)]
+        print(f"| {label} | {r[0]:.3f} | {r[1]:.3f} | {r[2]:.3f} | {r[0] / chance:.1f}x |")
+    results = {
+        "recipe": recipe,
+        "lang": args.lang,
+        "backend": args.backend,
+        "distribution": args.distribution,
+        "devices": distribution.devices,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, keras {keras.__version__}",
+        "quick": args.quick,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
+        "test_pairs": test_pairs,
+        "chance_R@1": chance,
+        "metrics": {name: round(float(value), 4) for name, value in metrics.items()},
+        **details,
+    }
+    output = args.output
+    if output is None and not args.quick:
+        output = os.path.join(RESULTS_DIR, f"train_{recipe}_{args.lang}.json")
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w") as handle:
+            json.dump(results, handle, indent=1)
+        print(f"results written to {output}")
+    return results
+
+
+def history_summary(history):
+    """First and last value of each logged quantity of a `fit` history."""
+    return {name: [round(float(values[0]), 4), round(float(values[-1]), 4)] for name, values in history.history.items()}
