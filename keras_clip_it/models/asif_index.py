@@ -86,7 +86,7 @@ class AnchorIndex:
         self.mesh = mesh
         self._block_request = int(block)
         stored, scales = _compress(anchors, dtype)
-        self._lay_out(_Store.gathered(stored, scales), len(anchors))
+        self._lay_out(_Store(stored, scales, len(anchors)), len(anchors))
 
     def _lay_out(self, store, count):
         """Places the first `count` slots of `store` (rows in order, none removed) in screening blocks."""
@@ -118,9 +118,10 @@ class AnchorIndex:
                 values = np.zeros((self.block, self.dim), screen_dtype)
                 scales = np.zeros(self.block, np.float32)
                 bias = np.full(self.block, -np.inf, np.float32)
-            exact = _decompress(self._store.stored[lo:hi], None if self._store.scales is None else self._store.scales[lo:hi])
+            stored, stored_scales = self._store.slice(lo, hi)
+            exact = _decompress(stored, stored_scales)
             if self.dtype == "int8":
-                chunk, chunk_scales = self._store.stored[lo:hi], self._store.scales[lo:hi]
+                chunk, chunk_scales = stored, stored_scales
             else:
                 chunk, chunk_scales = _to_bfloat16(exact), np.ones(hi - lo, np.float32)
             approx = chunk.astype(np.float32) * chunk_scales[:, None]
@@ -211,7 +212,8 @@ class AnchorIndex:
     def _compacted(self):
         """A fresh layout of the live anchors in row order (no masked slots, blocks sized for them)."""
         fresh = copy.copy(self)
-        fresh._lay_out(_Store.gathered(self._store.stored, self._store.scales, self._slot_of_row, self._slots), self.size)
+        values, scales = self._store.take(self._live_slots())
+        fresh._lay_out(_Store(values, scales, self.size), self.size)
         return fresh
 
     # === Stored anchors ===
@@ -219,22 +221,22 @@ class AnchorIndex:
     @property
     def stored(self):
         """The stored anchors (N, D) in row order: float32, float16 or int8 (times `scales`)."""
-        values = self._store.stored[: self._slots]
-        return values if self._slot_of_row is None else values[self._slot_of_row]
+        return self._store.take(self._live_slots())[0]
 
     @property
     def scales(self):
         """The per-row float32 scales of int8 anchors (N,) in row order, else None."""
-        if self._store.scales is None:
-            return None
-        scales = self._store.scales[: self._slots]
-        return scales if self._slot_of_row is None else scales[self._slot_of_row]
+        return None if self._store.scales is None else self._store.take(self._live_slots())[1]
 
     @property
     def nbytes(self):
         """Bytes of the stored anchors (values plus int8 scales), without the screening copy."""
-        per_row = self.dim * self._store.stored.itemsize + (0 if self._store.scales is None else 4)
+        per_row = self.dim * self._store.itemsize + (0 if self._store.scales is None else 4)
         return int(self.size * per_row)
+
+    def _live_slots(self):
+        """The slot of each row, in row order."""
+        return np.arange(self.size) if self._slot_of_row is None else self._slot_of_row
 
     def _to_rows(self, slots):
         return slots if self._row_of_slot is None else self._row_of_slot[slots]
@@ -251,13 +253,11 @@ class AnchorIndex:
         a large batch.
         """
         queries = np.asarray(queries, np.float32)
-        stored, scales = self._store.stored, self._store.scales
         out = np.empty(slots.shape, np.float32)
         for start in range(0, len(slots), chunk):
-            part = slots[start : start + chunk]
-            gathered = stored[part].astype(np.float32, copy=False)
-            scores = np.einsum("qmd,qd->qm", gathered, queries[start : start + chunk])
-            out[start : start + chunk] = scores if scales is None else scores * scales[part]
+            gathered, scales = self._store.take(slots[start : start + chunk])
+            scores = np.einsum("qmd,qd->qm", gathered.astype(np.float32, copy=False), queries[start : start + chunk])
+            out[start : start + chunk] = scores if scales is None else scores * scales
         return out
 
     # === Search ===
@@ -384,7 +384,6 @@ class AnchorIndex:
         fallback for queries whose screening is inconclusive, and the reference in tests.
         """
         queries = np.asarray(queries, dtype=np.float32)
-        stored, all_scales = self._store.stored, self._store.scales
         values = np.empty((len(queries), k), np.float32)
         rows = np.empty((len(queries), k), np.int64)
         for start in range(0, len(queries), batch_size):
@@ -393,9 +392,10 @@ class AnchorIndex:
             best_rows = np.zeros((len(batch), 0), np.int64)
             for offset in range(0, self._slots, self.block):
                 stop = min(offset + self.block, self._slots)
-                scores = batch @ stored[offset:stop].astype(np.float32).T
-                if all_scales is not None:
-                    scores *= all_scales[offset:stop]
+                stored, scales = self._store.slice(offset, stop)
+                scores = batch @ stored.astype(np.float32).T
+                if scales is not None:
+                    scores *= scales
                 if self._row_of_slot is not None:
                     scores[:, self._row_of_slot[offset:stop] < 0] = -np.inf
                 top = min(k, stop - offset)
@@ -413,45 +413,73 @@ class AnchorIndex:
 
 
 class _Store:
-    """Stored anchors in slots, with spare capacity: appends write after the used slots, in place.
+    """Stored anchors in slots, as segments: appends fill the last segment's spare rows, then add one.
 
-    Shared by an index and the indexes derived from it. An index reads only its own first slots, so
-    writing after them never changes what an existing index sees; when another derived index already
-    wrote there (two changes from the same index), the writer gets its own copy instead.
+    Nothing stored is ever copied to make room, so an append costs O(appended rows). Shared by an
+    index and the indexes derived from it: an index reads only its own first slots, so writing after
+    them never changes what an existing index sees. When a derived index already wrote there (two
+    changes made from the same index), the writer gets its own copy instead.
     """
 
-    def __init__(self, stored, scales, used):
-        self.stored, self.scales, self.used = stored, scales, used
+    def __init__(self, values, scales, used):
+        self.values, self.scales, self.starts, self.used = [values], None if scales is None else [scales], [0], used
         self.lock = threading.Lock()
 
-    @classmethod
-    def gathered(cls, stored, scales, slots=None, used=None, spare=0):
-        """A new store holding `stored[slots]` (all of the first `used` rows when `slots` is None)."""
-        count = (len(stored) if used is None else used) if slots is None else len(slots)
-        capacity = count + spare + count // 16 + 1024
-        values = np.empty((capacity, stored.shape[1]), stored.dtype)
-        new_scales = None if scales is None else np.empty(capacity, np.float32)
-        if slots is None:
-            values[:count] = stored[:count]
+    @property
+    def itemsize(self):
+        return self.values[0].itemsize
+
+    def slice(self, lo, hi):
+        """Slots [lo, hi) -> (values, scales or None): a view when they lie in one segment."""
+        pieces = []
+        for number, (start, values) in enumerate(zip(list(self.starts), list(self.values))):
+            a, b = max(lo, start), min(hi, start + len(values))
+            if a < b:
+                pieces.append((number, a - start, b - start))
+        values = [self.values[n][a:b] for n, a, b in pieces]
+        scales = None if self.scales is None else [self.scales[n][a:b] for n, a, b in pieces]
+        if len(pieces) == 1:
+            return values[0], None if scales is None else scales[0]
+        return np.concatenate(values), None if scales is None else np.concatenate(scales)
+
+    def take(self, slots):
+        """Rows at `slots` (int array of any shape) -> (values, scales or None), gathered."""
+        values, scales = list(self.values), None if self.scales is None else list(self.scales)
+        if len(values) == 1:
+            return values[0][slots], None if scales is None else scales[0][slots]
+        starts = np.asarray(self.starts[: len(values)])
+        segment = np.searchsorted(starts, slots, side="right") - 1
+        out = np.empty(slots.shape + values[0].shape[1:], values[0].dtype)
+        out_scales = None if scales is None else np.empty(slots.shape, np.float32)
+        for number in np.unique(segment).tolist():
+            inside = segment == number
+            out[inside] = values[number][slots[inside] - starts[number]]
             if scales is not None:
-                new_scales[:count] = scales[:count]
-        else:
-            np.take(stored, slots, axis=0, out=values[:count])
-            if scales is not None:
-                np.take(scales, slots, out=new_scales[:count])
-        return cls(values, new_scales, count)
+                out_scales[inside] = scales[number][slots[inside] - starts[number]]
+        return out, out_scales
 
     def write(self, at, stored, scales):
         """Writes rows at slot `at` onward; returns the store now holding them (this one or a copy)."""
         with self.lock:
-            end = at + len(stored)
-            target = self
-            if self.used != at or end > len(self.stored):
-                target = _Store.gathered(self.stored, self.scales, used=at, spare=len(stored))
-            target.stored[at:end] = stored
+            # Slots below `at` never change: a second writer may share them, not what follows.
+            target = self if self.used == at else _Store(*self.slice(0, at), used=at)
+            count, start, last = len(stored), target.starts[-1], target.values[-1]
+            head = min(count, start + len(last) - at)
+            last[at - start : at - start + head] = stored[:head]
             if scales is not None:
-                target.scales[at:end] = scales
-            target.used = end
+                target.scales[-1][at - start : at - start + head] = scales[:head]
+            if count > head:
+                # Spare rows for the next appends: 1/16 of the anchors, as a growing list would keep.
+                capacity = count - head + (at + count) // 16 + 1024
+                values = np.empty((capacity,) + stored.shape[1:], stored.dtype)
+                values[: count - head] = stored[head:]
+                if scales is not None:
+                    more = np.empty(capacity, np.float32)
+                    more[: count - head] = scales[head:]
+                    target.scales.append(more)
+                target.values.append(values)
+                target.starts.append(at + head)
+            target.used = at + count
             return target
 
 
@@ -500,7 +528,7 @@ def _to_bfloat16(values):
 
 def _compress(anchors, dtype):
     if dtype == "float32":
-        return np.ascontiguousarray(anchors), None
+        return np.array(anchors, dtype=np.float32, order="C"), None  # a copy: the caller may change its array
     if dtype == "float16":
         return anchors.astype(np.float16), None
     scales = np.abs(anchors).max(axis=1) / 127.0

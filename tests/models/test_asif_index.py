@@ -167,6 +167,18 @@ def test_appends_and_removals_equal_a_rebuild_and_leave_the_old_index_alone(dtyp
     assert first.size == 2000
 
 
+def test_two_changes_from_one_index_do_not_overwrite_each_other():
+    rng = np.random.default_rng(8)
+    anchors, queries = unit(rng.standard_normal((700, 16))), unit(rng.standard_normal((5, 16)))
+    left, right = unit(rng.standard_normal((90, 16))), unit(rng.standard_normal((90, 16)))
+    base = AnchorIndex(anchors, block=128).append(left[:30])  # a segment with spare rows after it
+    one, two = base.append(left[30:]), base.append(right)  # the second writes where the first did
+    for index, added in ((one, left), (two, np.concatenate([left[:30], right]))):
+        full = np.concatenate([anchors, added])
+        np.testing.assert_array_equal(index.stored, full)
+        np.testing.assert_array_equal(index.topk(queries, 12)[1], dense_topk(queries, full, 12)[1])
+
+
 def test_many_removals_compact_and_a_small_index_grows_its_blocks():
     rng = np.random.default_rng(6)
     anchors, queries = unit(rng.standard_normal((3000, 16))), unit(rng.standard_normal((5, 16)))
