@@ -105,10 +105,11 @@ class AnalogyCollection:
     def rows(self, ids):
         """The row positions of `ids` (int64 array); unknown ids raise KeyError naming them."""
         ids = _as_ids(ids)
-        missing = [i for i in ids if i not in self._rows]
-        if missing:
-            raise KeyError(f"collection {self.name!r} has no pairs with ids {_preview(missing)}")
-        return np.fromiter((self._rows[i] for i in ids), dtype=np.int64, count=len(ids))
+        try:
+            return np.fromiter((self._rows[i] for i in ids), dtype=np.int64, count=len(ids))
+        except KeyError:
+            missing = [i for i in ids if i not in self._rows]
+            raise KeyError(f"collection {self.name!r} has no pairs with ids {_preview(missing)}") from None
 
     def embeddings(self, kind, fingerprint):
         """The (N, D) float32 embeddings of every row by one encoder, aligned with `ids`.
