@@ -205,13 +205,13 @@ class ASIF(keras.Model):
             },
             **kwargs,
         )
-        for kind in list(self._indexes):
+        for kind in list(self._indexes) if len(self.collection) else ():
             self.index(kind)  # follows the change now, so the next query pays nothing for it
 
     def remove(self, ids):
         """Removes the pairs with these ids from the collection."""
         self._require_collection().remove(ids)
-        for kind in list(self._indexes):
+        for kind in list(self._indexes) if len(self.collection) else ():
             self.index(kind)  # follows the change now, so the next query pays nothing for it
 
     def _require_collection(self):

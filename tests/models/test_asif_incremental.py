@@ -148,3 +148,21 @@ def test_queries_during_adds_and_removes_see_the_old_or_the_new_collection():
     for values in seen:
         assert any(np.array_equal(values, state) for state in expected), "a query saw a mix of two states"
     np.testing.assert_array_equal(asif.encode_images(embeddings=queries).values, expected[-1])
+
+
+def test_removing_every_pair_then_adding_again():
+    rng = np.random.default_rng(11)
+    queries = unit(rng.standard_normal((2, IMAGE_DIM)))
+    asif = model()
+    ids, image, text = pairs(40, 0, seed=12)
+    add(asif, ids, image, text)
+    asif.encode_images(embeddings=queries)
+    asif.remove(ids)
+    assert len(asif.collection) == 0
+    with pytest.raises(ValueError, match="no anchors yet"):
+        asif.encode_images(embeddings=queries)
+    add(asif, *pairs(30, 40, seed=13))
+    got = asif.encode_images(embeddings=queries)
+    want = rebuilt(asif.collection).encode_images(embeddings=queries)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_array_equal(got.values, want.values)
