@@ -332,7 +332,7 @@ DESCRIPTIONS = {
     "compact": "storage.compact into one segment",
     "save_whole_b": "storage.save_collection of the second collection (from memory-mapped arrays)",
     "open_two_memory_mapped": "open both compacted collections (memory-mapped, sizes checked)",
-    "swap_use": "asif.use(other 1M collection)",
+    "swap_use": "asif.use(other collection of the same size)",
     "swap_then_query": "asif.use(other) + first query (anchor index built for it)",
 }
 
