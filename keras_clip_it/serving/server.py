@@ -42,7 +42,6 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image
-from PIL import UnidentifiedImageError
 from pydantic import BaseModel
 from pydantic import ConfigDict
 from pydantic import Field
@@ -387,7 +386,7 @@ class Service:
                 raise ApiError(
                     413, "image_too_large", f"{where} claims too many pixels to decode safely: resize it"
                 ) from None
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            except Exception as error:  # any failure to parse untrusted bytes is the client's bad image
                 raise ApiError(
                     422,
                     "invalid_image",
@@ -404,6 +403,8 @@ class Service:
                 arrays.append(to_rgb_array(data, index))
             except ImageDecodeError as error:
                 raise ApiError(422, "invalid_image", f"{where}: {error}") from None
+            except Exception as error:  # a decoder failing in a way images.py does not name
+                raise ApiError(422, "invalid_image", f"{where} could not be decoded ({error}): re-export it") from None
         return arrays
 
     def _check_embeddings(self, rows, dim, field):
