@@ -21,6 +21,12 @@ benchmarks/results/collections_{anchors}_{dims}.json and .md.
     python benchmarks/collections.py                  # 1M anchors, D = 384 (about 5 minutes)
     python benchmarks/collections.py --dims 1280      # image side at EfficientNet-Lite0's 1280 dims
     python benchmarks/collections.py --anchors 100000 # a quick run
+    python benchmarks/collections.py --index-only     # the image-side anchor index alone (about 3 GB less)
+
+--index-only measures AnchorIndex by itself on one set of N anchors (memory-mapped, as an embedding job
+leaves them): building it and answering the first query (the reference), a steady query, then `append` of
+10k anchors and `remove` of those rows with the first query after each. Results go to
+benchmarks/results/collections_index_{anchors}_{dims}.json and .md.
 """
 
 import argparse
@@ -123,12 +129,74 @@ def first_query(asif, query):
     asif.encode_images(embeddings=query)
 
 
+def median_step(peaks, reference, steady=None):
+    seconds = statistics.median(p.seconds for p in peaks)
+    step = {
+        "seconds": round(seconds, 4),
+        "peak_rss_mb": max(p.peak_mb or 0 for p in peaks) or None,
+        "rebuild_over_this": round(reference / seconds, 1),
+    }
+    if steady is not None:
+        step["over_steady_query"] = round(seconds / steady, 2)
+    return step
+
+
+def index_only(n, dims, repeats, work, results):
+    """AnchorIndex alone: build + first query (the reference), steady query, append / remove 10k + first query."""
+    import inspect
+
+    from keras_clip_it.models.asif_index import AnchorIndex
+
+    k = inspect.signature(ASIF).parameters["k"].default
+    anchors = random_unit_file(f"{work}/anchors.npy", n, dims, 1)
+    query, extra = random_unit(1, dims, 5), random_unit(CHANGE, dims, 6)
+    steps = results["steps"]
+    with Peak() as peak:
+        index = AnchorIndex(anchors)
+        index.topk(query, k)
+    steps["index_build"] = {"seconds": round(peak.seconds, 4), "peak_rss_mb": peak.peak_mb}
+    build = peak.seconds
+    queries = []
+    for _ in range(3):
+        with Peak() as peak:
+            index.topk(query, k)
+        queries.append(peak)
+    steady = statistics.median(p.seconds for p in queries)
+    steps["index_query"] = median_step(queries, build)
+    timings = {"append": [], "append_then_query": [], "remove": [], "remove_then_query": []}
+    for _ in range(repeats):
+        with Peak() as append:
+            index = index.append(extra)
+        with Peak() as after_append:
+            index.topk(query, k)
+        with Peak() as remove:
+            index = index.remove(np.arange(index.size - CHANGE, index.size))
+        with Peak() as after_remove:
+            index.topk(query, k)
+        for name, peak in zip(timings, (append, after_append, remove, after_remove)):
+            timings[name].append(peak)
+    for name, peaks in timings.items():
+        steps[f"index_{name}"] = median_step(peaks, build, steady if name.endswith("_then_query") else None)
+    for name, step in steps.items():
+        print(json.dumps({name: step}), flush=True)
+    results["k"] = k
+    results["targets"] = {
+        "append_10k_le_50ms": steps["index_append"]["seconds"] <= 0.05,
+        "remove_10k_le_50ms": steps["index_remove"]["seconds"] <= 0.05,
+        "append_remove_ge_100x_rebuild": min(steps["index_append"]["rebuild_over_this"], steps["index_remove"]["rebuild_over_this"]) >= 100,
+        "first_query_after_append_remove_le_2x_steady_query": max(
+            steps["index_append_then_query"]["over_steady_query"], steps["index_remove_then_query"]["over_steady_query"]
+        ) <= 2,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--anchors", type=int, default=1_000_000, help="pairs per collection")
     parser.add_argument("--dims", type=int, default=384, help="image embedding dims (text: 384)")
     parser.add_argument("--repeats", type=int, default=2, help="repeats of each change (median reported)")
     parser.add_argument("--workdir", default=None, help="where the temporary collections go (default: a temp dir)")
+    parser.add_argument("--index-only", action="store_true", help="only the anchor index: build, append, remove")
     args = parser.parse_args()
     n, dims = args.anchors, args.dims
     work = tempfile.mkdtemp(prefix="kci-collections-bench-", dir=args.workdir)
@@ -147,6 +215,13 @@ def main():
     if hasattr(os, "getloadavg"):
         results["load_average_at_start"] = round(os.getloadavg()[0], 1)
     steps = results["steps"]
+    if args.index_only:
+        try:
+            index_only(n, dims, args.repeats, work, results)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        write(results, f"collections_index_{n}_{dims}")
+        return
 
     def record(name, peak, **extra):
         steps[name] = {"seconds": round(peak.seconds, 4), "peak_rss_mb": peak.peak_mb, **extra}
@@ -295,8 +370,6 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    if hasattr(os, "getloadavg"):
-        results["load_average_at_end"] = round(os.getloadavg()[0], 1)
     results["targets"] = {
         "add_10k_le_50ms": steps["asif_add"]["seconds"] <= 0.05,
         "remove_10k_le_50ms": steps["asif_remove"]["seconds"] <= 0.05,
@@ -307,8 +380,13 @@ def main():
             steps["asif_add_then_query"]["over_steady_query"], steps["asif_remove_then_query"]["over_steady_query"]
         ) <= 2,
     }
+    write(results, f"collections_{n}_{dims}")
+
+
+def write(results, name):
+    if hasattr(os, "getloadavg"):
+        results["load_average_at_end"] = round(os.getloadavg()[0], 1)
     os.makedirs(RESULTS, exist_ok=True)
-    name = f"collections_{n}_{dims}"
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump(results, f, indent=1)
     table = markdown(results)
@@ -334,12 +412,18 @@ DESCRIPTIONS = {
     "open_two_memory_mapped": "open both compacted collections (memory-mapped, sizes checked)",
     "swap_use": "asif.use(other collection of the same size)",
     "swap_then_query": "asif.use(other) + first query (anchor index built for it)",
+    "index_build": "AnchorIndex built from scratch + first query (the reference)",
+    "index_query": "a query, index unchanged (steady state)",
+    "index_append": "index.append 10k anchors (a new index)",
+    "index_append_then_query": "first query after the append",
+    "index_remove": "index.remove those 10k rows (a new index)",
+    "index_remove_then_query": "first query after the remove",
 }
 
 
 def markdown(results):
     lines = [
-        "# Analogy collection changes vs. rebuild "
+        f"# {'Anchor index' if 'index_build' in results['steps'] else 'Analogy collection'} changes vs. rebuild "
         f"({results['machine']}; {results['anchors']:,} anchors, image {results['image_dims']}-d, "
         f"text {results['text_dims']}-d)",
         "",

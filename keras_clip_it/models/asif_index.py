@@ -134,11 +134,16 @@ class AnchorIndex:
                 scales[at : at + len(chunk)] = chunk_scales
             bias[lo - offset : hi - offset] = 0.0
             host = (values, scales, bias) if hi - offset < self.block else None
-            entry = (_to_device(values, self.mesh), _to_device(scales, self.mesh), _to_device(bias, self.mesh), offset, hi - offset, host)
+            entry = (
+                _to_device(values, self.mesh), _to_device(scales, self.mesh), _to_device(bias, self.mesh), offset,
+                hi - offset, host, _live_columns(bias, hi - offset),
+            )
             if number < len(blocks):
                 blocks[number] = entry
             else:
                 blocks.append(entry)
+        # Transfers run asynchronously: wait, so the change is done when this returns (not in a query).
+        jax.block_until_ready([entry[:3] for entry in blocks[start // self.block :]])
         self._blocks = blocks
 
     # === Changes ===
@@ -206,11 +211,12 @@ class AnchorIndex:
         blocks = list(self._blocks)
         numbers = slots // self.block
         for number in np.unique(numbers).tolist():
-            values, scales, bias, offset, filled, host = blocks[number]
+            values, scales, bias, offset, filled, host, _ = blocks[number]
             bias = np.array(bias if host is None else host[2])
             bias[slots[numbers == number] - offset] = -np.inf
             host = None if host is None else (host[0], host[1], bias)
-            blocks[number] = (values, scales, _to_device(bias, self.mesh), offset, filled, host)
+            blocks[number] = (values, scales, _to_device(bias, self.mesh), offset, filled, host, _live_columns(bias, filled))
+        jax.block_until_ready([blocks[number][2] for number in np.unique(numbers).tolist()])
         new._blocks = blocks
         return new
 
@@ -270,6 +276,8 @@ class AnchorIndex:
     def topk(self, queries, k, margin=None, batch_size=256):
         """The k largest inner products of each query with the anchors, exactly.
 
+        Small collections (k >= N / 4) take the dense float32 path (`dense_topk`).
+
         Args:
             queries: float array (Q, D).
             k: number of anchors per query (at most N).
@@ -286,6 +294,9 @@ class AnchorIndex:
         k = int(k)
         if not 1 <= k <= self.size:
             raise ValueError(f"k must be between 1 and the number of anchors ({self.size}), got {k}")
+        if 4 * k >= self.size:
+            # Rescoring would gather a quarter of the anchors or more per query: one dense product is cheaper.
+            return self.dense_topk(queries, k, batch_size)
         kept = min(self.size, k + (max(2 * k, 64) if margin is None else int(margin)))
         values = np.empty((len(queries), k), np.float32)
         rows = np.empty((len(queries), k), np.int64)
@@ -348,7 +359,7 @@ class AnchorIndex:
             values, rows = pending
             if number + 1 < len(self._blocks):
                 pending = self._dispatch(queries, number + 1, kept)
-            offset, valid = self._blocks[number][3:5]
+            offset, valid, live = self._blocks[number][3], self._blocks[number][4], self._blocks[number][6]
             if rows is None:
                 values, group_max = (np.asarray(v) for v in values)
                 # Comparing pays once few entries pass: the floor keeps ~2 kept / N of them, the
@@ -356,9 +367,13 @@ class AnchorIndex:
                 passing = min(kept / offset if offset else 1.0, 2 * kept / self.size if optimistic else 1.0)
                 if best_values.shape[1] == kept and passing < 0.02:
                     values, rows = _above(values, group_max, np.maximum(best_values.min(axis=1), floor), valid)
-                else:
+                elif live is None:
                     values = values[:, :valid]
                     rows = np.broadcast_to(np.arange(values.shape[1]), values.shape)
+                else:
+                    # Removed anchors score -inf: leave them out (ties at -inf slow `argpartition` down).
+                    values = values[:, live]
+                    rows = np.broadcast_to(live, values.shape)
             else:
                 values, rows = np.asarray(values), np.asarray(rows).astype(np.int64)
             best_values = np.concatenate([best_values, values], axis=1)
@@ -376,7 +391,7 @@ class AnchorIndex:
 
     def _dispatch(self, queries, number, kept):
         """Starts the product for block `number` (asynchronously); returns device arrays."""
-        anchors, scales, bias, offset, valid, _ = self._blocks[number]
+        anchors, scales, bias, offset, valid = self._blocks[number][:5]
         if self.mesh is None:
             return _block_scores(queries, anchors, scales, bias), None
         m = min(kept, self.block // self.mesh.devices.size)
@@ -518,6 +533,12 @@ def _above(values, group_max, threshold, valid):
     packed_values[rows, slot] = found
     packed_columns[rows, slot] = columns
     return packed_values, packed_columns
+
+
+def _live_columns(bias, filled):
+    """The columns of a block's first `filled` that hold live anchors, or None when all of them do."""
+    live = bias[:filled] == 0
+    return None if live.all() else np.flatnonzero(live)
 
 
 def _round_up(value, multiple):
