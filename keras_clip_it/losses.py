@@ -36,26 +36,28 @@ def _replica_context():
     return context
 
 
-def gather_batch(image_embeddings, text_embeddings):
-    """All embeddings of the global batch and where this device's rows start in it.
+def gather_batch(*embeddings):
+    """Every device's rows of `embeddings`, in global-batch order, and where this device's rows start.
+
+    Only the tensors a loss uses should be gathered: each one is a collective operation, forwards and
+    backwards, on every step.
 
     Args:
-        image_embeddings: (b, D) embeddings computed on this device.
-        text_embeddings: (b, D) embeddings computed on this device.
+        *embeddings: (b, D) tensors computed on this device.
 
     Returns:
-        (all_image_embeddings, all_text_embeddings, offset): (B, D), (B, D) and the int index of this
-        device's first row in the global batch (0 when nothing is distributed).
+        A tuple of the (B, D) gathered tensors followed by the int index of this device's first row in
+        the global batch (the inputs themselves and 0 when nothing is distributed).
     """
     context = _replica_context()
     if context is None:
-        return image_embeddings, text_embeddings, 0
+        return (*embeddings, 0)
     import tensorflow as tf
 
-    all_images, all_texts = context.all_gather([image_embeddings, text_embeddings], axis=0)
-    sizes = context.all_gather(tf.shape(image_embeddings)[:1], axis=0)
+    gathered = context.all_gather(list(embeddings), axis=0)
+    sizes = context.all_gather(tf.shape(embeddings[0])[:1], axis=0)
     offset = tf.reduce_sum(sizes[: context.replica_id_in_sync_group])
-    return all_images, all_texts, offset
+    return (*gathered, offset)
 
 
 def _unpack(y_pred):
@@ -142,8 +144,7 @@ class SigmoidLoss(keras.losses.Loss):
             raise ValueError(
                 "SigmoidLoss needs a learnable bias: build the model with DualEncoder(..., logit_bias=-10.0)"
             )
-        all_images, all_texts, offset = gather_batch(images, texts)
-        del all_images  # each device scores its own images against every caption
+        all_texts, offset = gather_batch(texts)  # each device scores its own images against every caption
         logits = scale * ops.matmul(images, ops.transpose(all_texts)) + y_pred["logit_bias"]
         labels = ops.arange(ops.shape(images)[0]) + offset
         signs = 2.0 * ops.one_hot(labels, ops.shape(all_texts)[0], dtype=logits.dtype) - 1.0

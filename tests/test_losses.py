@@ -83,3 +83,12 @@ def test_config_roundtrip():
     loss = kci.losses.ContrastiveLoss(label_smoothing=0.2)
     rebuilt = keras.losses.deserialize(keras.losses.serialize(loss))
     assert isinstance(rebuilt, kci.losses.ContrastiveLoss) and rebuilt.label_smoothing == 0.2
+
+
+def test_gather_batch_passes_through_on_one_device():
+    rng = np.random.RandomState(5)
+    images, texts = normalised(rng, 3), normalised(rng, 3)
+    all_images, all_texts, offset = kci.losses.gather_batch(images, texts)
+    assert all_images is images and all_texts is texts and offset == 0
+    (all_texts, offset) = kci.losses.gather_batch(texts)
+    assert all_texts is texts and offset == 0
