@@ -258,7 +258,13 @@ class ASIF(keras.Model):
         return RelativeRepresentation(rows, weights, index.size, self.collection.version)
 
     def encode_images(self, images=None, embeddings=None):
-        """Sparse relative representations of images (or of their precomputed `embeddings`)."""
+        """Sparse relative representations of images (or of their precomputed `embeddings`).
+
+        A `RelativeRepresentation` passes through unchanged, so `classify` and `calibrate` can reuse the
+        representations of queries scored several times.
+        """
+        if isinstance(images, RelativeRepresentation):
+            return images
         if embeddings is None:
             embeddings = self.image_encoder.embed(images)
         return self.relative(embeddings, "image")
@@ -310,7 +316,8 @@ class ASIF(keras.Model):
         """Zero-shot classification: the label whose captions are most similar to each image.
 
         Args:
-            images: images for the image encoder (or None with `embeddings`).
+            images: images for the image encoder, or their `encode_images` representations (or None with
+                `embeddings`).
             labels: list of str class names.
             templates: None (labels as captions), "en", "en-short", "it", "it-short", a template string
                 with "{}", a callable, or a list of those.
@@ -340,7 +347,8 @@ class ASIF(keras.Model):
         Args:
             true_labels: the right label per query (str, or int index into `labels`).
             labels: list of str class names.
-            images / embeddings: the calibration queries (held out from anything being evaluated).
+            images / embeddings: the calibration queries (held out from anything being evaluated), as in
+                `classify`.
             templates: as in `classify`.
             target_error: float in [0, 1], largest fraction of wrong answers.
 

@@ -225,6 +225,17 @@ def test_calibrate_meets_the_target_error():
     assert loose["unknown"] <= report["unknown"] and loose["threshold"] <= report["threshold"]
 
 
+def test_encoded_queries_pass_through_classify_and_calibrate():
+    asif, (_, _, _, _, centres) = make_asif(300)
+    truth = np.array([0, 1, 2, 3])
+    queries = unit(centres[truth] + 0.1)
+    reps = asif.encode_images(embeddings=queries)
+    assert asif.encode_images(reps) is reps
+    want = asif.classify(embeddings=queries, labels=CLASSES).scores
+    np.testing.assert_array_equal(asif.classify(reps, labels=CLASSES).scores, want)
+    assert asif.calibrate(truth[:2], CLASSES, images=reps[:2]) == asif.calibrate(truth[:2], CLASSES, embeddings=queries[:2])
+
+
 def test_explain_returns_the_anchors_behind_the_score():
     asif, (ids, images, captions, classes, centres) = make_asif(300)
     query = unit(centres[1] + 0.05)
