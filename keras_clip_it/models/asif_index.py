@@ -79,7 +79,7 @@ class AnchorIndex:
     def __init__(self, anchors, dtype="float32", block=BLOCK, mesh=None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        anchors = np.asarray(anchors, dtype=np.float32)
+        given, anchors = anchors, np.asarray(anchors, dtype=np.float32)
         if anchors.ndim != 2:
             raise ValueError(f"anchors must be (N, D), got shape {anchors.shape}")
         self.dtype = dtype
@@ -87,6 +87,8 @@ class AnchorIndex:
         self.mesh = mesh
         self._block_request = int(block)
         stored, scales = _compress(anchors, dtype)
+        if isinstance(given, np.ndarray) and np.may_share_memory(stored, given):
+            stored = stored.copy()  # the caller may change its array; this index keeps what it was given
         self._lay_out(_Store(stored, scales, len(anchors)), len(anchors))
 
     def _lay_out(self, store, count):
@@ -559,7 +561,7 @@ def _to_bfloat16(values):
 
 def _compress(anchors, dtype):
     if dtype == "float32":
-        return np.array(anchors, dtype=np.float32, order="C"), None  # a copy: the caller may change its array
+        return np.ascontiguousarray(anchors), None
     if dtype == "float16":
         return anchors.astype(np.float16), None
     scales = np.abs(anchors).max(axis=1) / 127.0
@@ -655,10 +657,13 @@ def follow(index, collection, kind, fingerprint, version):
     embeddings = collection.embeddings(kind, fingerprint) if changes else None
     for change, rows in changes:
         if change == "add":
-            # Pairs removed again by a later change need no embedding: that change removes their rows.
-            anchors = np.zeros((len(rows), index.dim), np.float32)
             present = rows >= 0
-            anchors[present] = embeddings[rows[present]]
+            if present.all():
+                anchors = embeddings[rows]
+            else:
+                # Pairs removed again by a later change need no embedding: that change removes their rows.
+                anchors = np.zeros((len(rows), index.dim), np.float32)
+                anchors[present] = embeddings[rows[present]]
             index = index.append(anchors)
         else:
             index = index.remove(rows)
