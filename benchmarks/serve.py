@@ -47,7 +47,29 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def start_server(lang, encoder_batch, log_path, timeout):
+def prepare_subset(lang, pairs, path):
+    """Stores `pairs` pairs of the emoji training split, embedded with the default encoders, at `path`."""
+    import keras_clip_it as kci
+    from keras_clip_it.collections import AnalogyCollection
+    from keras_clip_it.serving.commands import TEXT_PRESETS
+
+    ids, images, captions = kci.datasets.emoji_pairs(lang=lang, split="train", return_ids=True)
+    keep = np.sort(np.random.default_rng(0).choice(len(ids), pairs, replace=False))
+    image_encoder = kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
+    text_encoder = kci.TextEncoder.from_preset(TEXT_PRESETS[lang])
+    collection = AnalogyCollection(name=f"emoji-{lang}-{pairs}", language=lang)
+    collection.add(
+        [ids[i] for i in keep],
+        captions=[captions[i] for i in keep],
+        embeddings={
+            "image": {image_encoder.fingerprint: image_encoder.embed(images[keep])},
+            "text": {text_encoder.fingerprint: text_encoder.embed([captions[i] for i in keep])},
+        },
+    )
+    collection.save(path)
+
+
+def start_server(lang, encoder_batch, log_path, timeout, collection=None):
     port = free_port()
     command = [
         sys.executable,
@@ -62,6 +84,8 @@ def start_server(lang, encoder_batch, log_path, timeout):
         str(encoder_batch),
         "--warm-up",
     ]
+    if collection:
+        command += ["--collection", collection]
     log = open(log_path, "w")
     # Compiled XLA programs are kept on disk, so the second configuration does not compile them again.
     environment = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "kci-serve-jax-cache"))
@@ -145,20 +169,35 @@ def main():
     )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--startup-timeout", type=float, default=3600, help="seconds to wait for each server")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="serve this many pairs of the emoji training split instead of the whole registered collection",
+    )
+    parser.add_argument("--prepare", help=argparse.SUPPRESS)  # internal: build the --pairs collection here
     args = parser.parse_args()
+    if args.prepare:
+        return prepare_subset(args.lang, args.pairs, args.prepare)
+    collection = None
+    if args.pairs:
+        collection = os.path.join(tempfile.gettempdir(), f"kci-serve-emoji-{args.lang}-{args.pairs}")
+        if not os.path.isdir(collection):  # embedded in a child process, whose memory is then returned
+            command = [sys.executable, os.path.abspath(__file__), "--lang", args.lang, "--pairs", str(args.pairs)]
+            subprocess.run(command + ["--prepare", collection], check=True)
     os.makedirs(RESULTS, exist_ok=True)
 
     results = {
         "endpoint": "POST /v1/classify",
         "model": f"ASIF(EfficientNet-Lite0, {'multilingual_e5_small' if args.lang == 'it' else 'all_minilm_l6_v2'}) "
-        f"over emoji-{args.lang}, k=800, p=8",
+        f"over emoji-{args.lang}" + (f" ({args.pairs} training pairs)" if args.pairs else "") + ", k=800, p=8",
         "request": "1 emoji PNG, 10 labels, templates '{}-short'".format(args.lang),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "configs": {},
     }
     for name in args.configs:
         log_path = os.path.join(RESULTS, f"serve_{name}.log")
-        process, url, startup = start_server(args.lang, CONFIGS[name], log_path, args.startup_timeout)
+        process, url, startup = start_server(args.lang, CONFIGS[name], log_path, args.startup_timeout, collection)
         try:
             primer = requests_for(args.lang, 1, seed=99)[0]
             httpx.post(f"{url}/v1/classify", json=primer, timeout=600).raise_for_status()  # caches the labels
