@@ -12,6 +12,7 @@ from keras import ops
 from keras_clip_it.encoders.base import padded_batch_size
 from keras_clip_it.losses import ContrastiveLoss
 from keras_clip_it.losses import SigmoidLoss
+from keras_clip_it.losses import gather_batch
 
 TOWERS = ("image", "text")
 # Never decayed: shrinking the temperature or the sigmoid bias towards 0 is not regularisation.
@@ -235,11 +236,16 @@ class DualEncoder(keras.Model):
         return loss
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        similarity = ops.matmul(y_pred["image_embeddings"], ops.transpose(y_pred["text_embeddings"]))
-        labels = ops.arange(ops.shape(similarity)[0])
-        for metric, axis in ((self.image_to_text_top1, 1), (self.text_to_image_top1, 0)):
-            hits = ops.cast(ops.equal(ops.argmax(similarity, axis=axis), labels), "float32")
-            metric.update_state(ops.mean(hits))
+        # Candidates are the global batch, as in the loss: the same figures on one device or many.
+        images, texts = y_pred["image_embeddings"], y_pred["text_embeddings"]
+        all_images, all_texts, offset = gather_batch(images, texts)
+        labels = ops.arange(ops.shape(images)[0]) + offset
+        for metric, queries, candidates in (
+            (self.image_to_text_top1, images, all_texts),
+            (self.text_to_image_top1, texts, all_images),
+        ):
+            best = ops.argmax(ops.matmul(queries, ops.transpose(candidates)), axis=-1)
+            metric.update_state(ops.mean(ops.cast(ops.equal(best, ops.cast(labels, best.dtype)), "float32")))
         return self.get_metrics_result()
 
     # === Locking ===
