@@ -88,8 +88,7 @@ def export(model, path, labels=None, templates=None, overwrite=False):
     labels = _check_labels(model, towers, labels, templates)
     local, remote = _destination(path, overwrite)
     try:
-        endpoints, metadata = _build(model, towers, labels, templates)
-        root = endpoints.pop("_root")
+        root, endpoints, metadata = _build(model, towers, labels, templates)
         signatures = {name: function.get_concrete_function() for name, function in endpoints.items()}
         signatures["serving_default"] = signatures["classify" if "classify" in endpoints else next(iter(endpoints))]
         for name, function in endpoints.items():
@@ -222,7 +221,7 @@ def _copy_to(local, remote, overwrite):
 
 
 def _build(model, towers, labels, templates):
-    """The endpoint tf.functions (in order) plus "_root", the tf.Module holding what they use."""
+    """(the tf.Module holding what the endpoints use, {name: endpoint tf.function} in order, metadata)."""
     root = tf.Module()
     converter = keras.export.ExportArchive()
     for layer in towers.tracked:
@@ -261,11 +260,19 @@ def _build(model, towers, labels, templates):
     root.model_variables = list(converter.variables)
     if labels is not None:
         endpoints["classify"] = _classify_endpoint(model, root, embed_images, spec, post, labels, templates)
-        metadata.update(labels=labels, templates=templates if isinstance(templates, (str, list, type(None))) else None)
+        metadata.update(labels=labels, templates=_describe_templates(templates))
     embedding = endpoints[next(iter(endpoints))].get_concrete_function().structured_outputs["embeddings"]
     metadata["embedding_dim"] = int(embedding.shape[-1])
-    endpoints["_root"] = root
-    return endpoints, metadata
+    return root, endpoints, metadata
+
+
+def _describe_templates(templates):
+    """The templates as JSON can hold them (a callable is named, its text cannot be written)."""
+    if templates is None or isinstance(templates, str):
+        return templates
+    if callable(templates):
+        return f"<callable {getattr(templates, '__name__', type(templates).__name__)}>"
+    return [_describe_templates(template) for template in templates]
 
 
 def _encode_endpoint(embed, spec, post, kind):
