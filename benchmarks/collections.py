@@ -22,6 +22,9 @@ benchmarks/results/collections_{anchors}_{dims}.json and .md.
     python benchmarks/collections.py --dims 1280      # image side at EfficientNet-Lite0's 1280 dims
     python benchmarks/collections.py --anchors 100000 # a quick run
     python benchmarks/collections.py --index-only     # the image-side anchor index alone (about 3 GB less)
+    python benchmarks/collections.py --skip durable,swap  # in-memory changes only (peak ~6 GB at 1M)
+
+The results file is written after each section, so a run stopped later (out of memory) keeps what it measured.
 
 --index-only measures AnchorIndex by itself on one set of N anchors (memory-mapped, as an embedding job
 leaves them): building it and answering the first query (the reference), a steady query, then `append` of
@@ -197,7 +200,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=2, help="repeats of each change (median reported)")
     parser.add_argument("--workdir", default=None, help="where the temporary collections go (default: a temp dir)")
     parser.add_argument("--index-only", action="store_true", help="only the anchor index: build, append, remove")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated sections to leave out: durable, swap (each needs its own memory)"
+    )
     args = parser.parse_args()
+    skip = {part for part in args.skip.split(",") if part}
+    if skip - {"durable", "swap"}:
+        parser.error(f"--skip takes durable and/or swap, got {sorted(skip - {'durable', 'swap'})}")
     n, dims = args.anchors, args.dims
     work = tempfile.mkdtemp(prefix="kci-collections-bench-", dir=args.workdir)
     image_encoder = PrecomputedEncoder("bench-image", dims)
@@ -211,6 +220,7 @@ def main():
         "change": CHANGE,
         "repeats": args.repeats,
         "steps": {},
+        "sections": ["memory"],
     }
     if hasattr(os, "getloadavg"):
         results["load_average_at_start"] = round(os.getloadavg()[0], 1)
@@ -299,88 +309,109 @@ def main():
                 steps[f"asif_{name}"]["over_steady_query"] = round(seconds / steady, 2)
             print(json.dumps({f"asif_{name}": steps[f"asif_{name}"]}), flush=True)
 
+        out = f"collections_{n}_{dims}"
+        results["targets"] = memory_targets(steps)
+        write(results, out)  # kept if a later section runs out of memory
+
         # === Durable changes ===
         stored_a, stored_b = f"{work}/stored_a", f"{work}/stored_b"
-        with Peak() as peak:
-            storage.save_collection(collection, stored_a)
-        record("save_whole", peak)
-        save = peak.seconds
-        del asif, collection
-        gc.collect()
-        embeddings = {"image": {fps[0]: extra["image"]}, "text": {fps[1]: extra["text"]}}
-        appends, removes = [], []
-        for _ in range(args.repeats):
-            with Peak() as append:
-                storage.append(stored_a, extra["ids"], captions=extra["captions"], embeddings=embeddings)
-            with Peak() as remove:
-                storage.remove(stored_a, extra["ids"])
-            appends.append(append)
-            removes.append(remove)
-        for name, peaks in (("stored_append", appends), ("stored_remove", removes)):
-            seconds = statistics.median(p.seconds for p in peaks)
-            steps[name] = {
-                "seconds": round(seconds, 4),
-                "peak_rss_mb": max(p.peak_mb or 0 for p in peaks) or None,
-                "save_whole_over_this": round(save / seconds, 1),
-            }
-            print(json.dumps({name: steps[name]}), flush=True)
-        for verify in (False, True):
+        if "durable" in skip:
+            del asif, collection
+        else:
             with Peak() as peak:
-                opened = storage.open_collection(stored_a, verify=verify)
-            assert len(opened) == n
-            record(f"open_segments_{'verified' if verify else 'sizes_only'}", peak)
-            del opened
-        with Peak() as peak:
-            storage.compact(stored_a)
-        record("compact", peak, segments_before=2 * args.repeats + 1)
-        with Peak() as peak:
-            storage.save_collection(pairs_b, stored_b)
-        record("save_whole_b", peak)
+                storage.save_collection(collection, stored_a)
+            record("save_whole", peak)
+            save = peak.seconds
+            del asif, collection
+            embeddings = {"image": {fps[0]: extra["image"]}, "text": {fps[1]: extra["text"]}}
+            appends, removes = [], []
+            for _ in range(args.repeats):
+                with Peak() as append:
+                    storage.append(stored_a, extra["ids"], captions=extra["captions"], embeddings=embeddings)
+                with Peak() as remove:
+                    storage.remove(stored_a, extra["ids"])
+                appends.append(append)
+                removes.append(remove)
+            for name, peaks in (("stored_append", appends), ("stored_remove", removes)):
+                seconds = statistics.median(p.seconds for p in peaks)
+                steps[name] = {
+                    "seconds": round(seconds, 4),
+                    "peak_rss_mb": max(p.peak_mb or 0 for p in peaks) or None,
+                    "save_whole_over_this": round(save / seconds, 1),
+                }
+                print(json.dumps({name: steps[name]}), flush=True)
+            for verify in (False, True):
+                with Peak() as peak:
+                    opened = storage.open_collection(stored_a, verify=verify)
+                assert len(opened) == n
+                record(f"open_segments_{'verified' if verify else 'sizes_only'}", peak)
+                del opened
+            with Peak() as peak:
+                storage.compact(stored_a)
+            record("compact", peak, segments_before=2 * args.repeats + 1)
+            with Peak() as peak:
+                storage.save_collection(pairs_b, stored_b)
+            record("save_whole_b", peak)
 
-        # === Swap between two stored 1M collections ===
-        with Peak() as peak:
-            collection_a = storage.open_collection(stored_a, verify=False)
-            collection_b = storage.open_collection(stored_b, verify=False)
-        record("open_two_memory_mapped", peak)
-        asif = ASIF(image_encoder, text_encoder, collection=collection_a)
-        first_query(asif, query)
-        uses, swaps = [], []
-        for _ in range(args.repeats):
-            for target in (collection_b, collection_a):
-                with Peak() as use:
-                    asif.use(target)
-                with Peak() as query_after:
-                    first_query(asif, query)
-                uses.append(use)
-                swaps.append((use, query_after))
-        seconds = statistics.median(p.seconds for p in uses)
-        steps["swap_use"] = {
-            "seconds": round(seconds, 6),
-            "peak_rss_mb": max(p.peak_mb or 0 for p in uses) or None,
-            "rebuild_over_this": round(rebuild / seconds, 1),
-        }
-        seconds = statistics.median(u.seconds + q.seconds for u, q in swaps)
-        steps["swap_then_query"] = {
-            "seconds": round(seconds, 4),
-            "peak_rss_mb": max(max(u.peak_mb or 0, q.peak_mb or 0) for u, q in swaps) or None,
-            "rebuild_over_this": round(rebuild / seconds, 1),
-            "over_steady_query": round(seconds / steady, 2),
-        }
-        print(json.dumps({k: steps[k] for k in ("swap_use", "swap_then_query")}), flush=True)
+            results["sections"].append("durable")
+            write(results, out)
+        gc.collect()
+
+        # === Swap between two stored collections ===
+        if "swap" not in skip:
+            if "durable" in skip:
+                storage.save_collection(pairs_a, stored_a)
+                storage.save_collection(pairs_b, stored_b)
+            with Peak() as peak:
+                collection_a = storage.open_collection(stored_a, verify=False)
+                collection_b = storage.open_collection(stored_b, verify=False)
+            record("open_two_memory_mapped", peak)
+            asif = ASIF(image_encoder, text_encoder, collection=collection_a)
+            first_query(asif, query)
+            uses, swaps = [], []
+            for _ in range(args.repeats):
+                for target in (collection_b, collection_a):
+                    with Peak() as use:
+                        asif.use(target)
+                    with Peak() as query_after:
+                        first_query(asif, query)
+                    uses.append(use)
+                    swaps.append((use, query_after))
+            seconds = statistics.median(p.seconds for p in uses)
+            steps["swap_use"] = {
+                "seconds": round(seconds, 6),
+                "peak_rss_mb": max(p.peak_mb or 0 for p in uses) or None,
+                "rebuild_over_this": round(rebuild / seconds, 1),
+            }
+            seconds = statistics.median(u.seconds + q.seconds for u, q in swaps)
+            steps["swap_then_query"] = {
+                "seconds": round(seconds, 4),
+                "peak_rss_mb": max(max(u.peak_mb or 0, q.peak_mb or 0) for u, q in swaps) or None,
+                "rebuild_over_this": round(rebuild / seconds, 1),
+                "over_steady_query": round(seconds / steady, 2),
+            }
+            print(json.dumps({k: steps[k] for k in ("swap_use", "swap_then_query")}), flush=True)
+            results["sections"].append("swap")
+            results["targets"].update(
+                {
+                    "swap_le_0.5s": steps["swap_use"]["seconds"] <= 0.5,
+                    "swap_then_first_query_le_0.5s": steps["swap_then_query"]["seconds"] <= 0.5,
+                }
+            )
+            write(results, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    results["targets"] = {
+
+def memory_targets(steps):
+    return {
         "add_10k_le_50ms": steps["asif_add"]["seconds"] <= 0.05,
         "remove_10k_le_50ms": steps["asif_remove"]["seconds"] <= 0.05,
         "add_remove_ge_100x_rebuild": min(steps["asif_add"]["rebuild_over_this"], steps["asif_remove"]["rebuild_over_this"]) >= 100,
-        "swap_le_0.5s": steps["swap_use"]["seconds"] <= 0.5,
-        "swap_then_first_query_le_0.5s": steps["swap_then_query"]["seconds"] <= 0.5,
         "first_query_after_add_remove_le_2x_steady_query": max(
             steps["asif_add_then_query"]["over_steady_query"], steps["asif_remove_then_query"]["over_steady_query"]
         ) <= 2,
     }
-    write(results, f"collections_{n}_{dims}")
 
 
 def write(results, name):
@@ -441,6 +472,8 @@ def markdown(results):
             f"| {DESCRIPTIONS[name]} | {step['seconds']:.4f} | {f'{ratio:,}x' if ratio else ''} "
             f"| {step.get('over_steady_query', '')} | {step['peak_rss_mb']} |"
         )
+    if "sections" in results:
+        lines += ["", f"Sections run: {', '.join(results['sections'])} (see --skip)."]
     if "load_average_at_start" in results:
         lines += [
             "",
