@@ -12,7 +12,7 @@ import os
 import platform
 import time
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results")
+RESULTS_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results"))
 DISTRIBUTIONS = ("none", "data-parallel", "tpu")
 # The pretrained text towers: English sentence embeddings, and a multilingual model for Italian.
 TEXT_PRESETS = {"en": "all_minilm_l6_v2", "it": "multilingual_e5_small"}
@@ -132,14 +132,25 @@ def shorten_sequences(text_encoder, captions, multiple=8):
     return text_encoder.sequence_length
 
 
-def blocks_above_embeddings(encoder):
-    """How many of a text backbone's top groups follow its embeddings: what `lock(unlocked_groups=)` takes
-    to train every transformer block while the token embeddings stay frozen."""
+def text_groups_to_train(encoder, requested=None):
+    """What `lock("text", unlocked_groups=)` takes to train the top `requested` transformer blocks (None:
+    all of them) while the token embeddings, the bottom groups of the backbone, stay frozen."""
     from keras_clip_it.models.dual_encoder import layer_groups
 
     groups = layer_groups(encoder.backbone)
     first = next(i for i, group in enumerate(groups) if "embedding" not in group.name)
-    return len(groups) - first
+    above = len(groups) - first
+    if requested is None:
+        return above
+    if not 0 < requested <= above:
+        raise SystemExit(f"--text-unlocked-groups must be between 1 and {above} for {encoder.name}, got {requested}")
+    return requested
+
+
+def text_groups_option(parser):
+    parser.add_argument("--text-unlocked-groups", type=int, default=None,
+                        help="train only the top N groups of the text tower (default: every block above the\n"
+                             "token embeddings; fewer make each step cheaper on CPU)")
 
 
 def cached_features(encoder, images, key):
@@ -265,6 +276,51 @@ def report(recipe, args, distribution, metrics, test_pairs, **details):
     return results
 
 
+def results_table(results_dir=RESULTS_DIR):
+    """Markdown table of the recipes' held-out recall (benchmarks/results/train_*.json), with ASIF beside.
+
+    ASIF rows come from the LiT runs (same frozen image features, same split, default k and p) and, when
+    present, from recipes/asif_emoji.py (224 px features, k and p chosen on a validation split).
+    """
+    rows = []
+    names = {"clip": "CLIP from scratch", "lit": "LiT", "clip_italian": "CLIP-Italian schedule"}
+
+    def recall(metrics, prefix=""):
+        return " / ".join(f"{metrics[f'{prefix}R@{k}']:.3f}" for k in (1, 5, 10))
+
+    for recipe in ("clip", "lit", "clip_italian"):
+        for lang in sorted(TEXT_PRESETS):
+            path = os.path.join(results_dir, f"train_{recipe}_{lang}.json")
+            if not os.path.exists(path):
+                continue
+            with open(path) as handle:
+                r = json.load(handle)
+            m = r["metrics"]
+            rows.append(f"| {names[recipe]} | {lang} | {r['epochs']} | {recall(m, 'image_to_text_')} | "
+                        f"{recall(m, 'text_to_image_')} | {m['image_to_text_R@1'] / r['chance_R@1']:.0f}x | "
+                        f"{r['seconds']['fit']:.0f} s |")
+            if recipe == "lit":
+                a = r["asif"]["metrics"]
+                rows.append(f"| ASIF (k={r['asif']['k']}, p={r['asif']['p']:g}), LiT's frozen towers | {lang} | - | "
+                            f"{recall(a, 'image_to_text_')} | {recall(a, 'text_to_image_')} | "
+                            f"{a['image_to_text_R@1'] / r['chance_R@1']:.0f}x | - |")
+    path = os.path.join(results_dir, "asif_emoji.json")
+    if os.path.exists(path):
+        with open(path) as handle:
+            asif = json.load(handle)["languages"]
+        for lang, r in sorted(asif.items()):
+            best = r.get("joint", r["best"])
+            rows.append(f"| ASIF (k={best['k']}, p={best['p']:g}), 224 px, recipes/asif_emoji.py | {lang} | - | "
+                        f"{recall(best['test'])} | - | {best['test']['R@1'] * r['test_queries']:.0f}x | - |")
+    header = ("| model | captions | epochs | image -> caption R@1 / 5 / 10 | caption -> image R@1 / 5 / 10 "
+              "| image -> caption R@1 / chance | fit time |\n|---|---|---|---|---|---|---|")
+    return "\n".join([header] + rows)
+
+
 def history_summary(history):
     """First and last value of each logged quantity of a `fit` history."""
     return {name: [round(float(values[0]), 4), round(float(values[-1]), 4)] for name, values in history.history.items()}
+
+
+if __name__ == "__main__":
+    print(results_table())

@@ -35,7 +35,7 @@ import common  # noqa: E402
 
 IMAGE_SIZE = 128
 
-args = common.parse_args(__doc__, epochs=5, batch_size=64, learning_rate=1e-4)
+args = common.parse_args(__doc__, epochs=5, batch_size=64, learning_rate=1e-4, extra=common.text_groups_option)
 common.set_backend(args)  # before Keras is imported
 
 import keras  # noqa: E402
@@ -54,10 +54,11 @@ epochs = 1 if args.quick else args.epochs
 image_encoder = kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet", image_size=IMAGE_SIZE)
 text_encoder = kci.TextEncoder.from_preset(common.TEXT_PRESETS[args.lang])
 common.shorten_sequences(text_encoder, train_captions)
+text_groups = common.text_groups_to_train(text_encoder, args.text_unlocked_groups)
 with distribution.scope():
     model = kci.DualEncoder(image_encoder, text_encoder, projection_dim=256)
     model.lock("image")
-    model.lock("text", unlocked_groups=common.blocks_above_embeddings(text_encoder))
+    model.lock("text", unlocked_groups=text_groups)
 
 # The locked tower's features, once for the whole run.
 with timer("image features"):
@@ -68,7 +69,7 @@ with timer("image features"):
 # The training model: the same text tower, fed cached image features.
 with distribution.scope():
     trainer = kci.DualEncoder(common.CachedFeatures(image_encoder.embedding_dim), text_encoder, projection_dim=256)
-    trainer.lock("text", unlocked_groups=common.blocks_above_embeddings(text_encoder))
+    trainer.lock("text", unlocked_groups=text_groups)
     steps = epochs * (len(train_captions) // args.batch_size)
     learning_rate = keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=steps - steps // 10, warmup_target=args.learning_rate, warmup_steps=steps // 10
@@ -106,6 +107,7 @@ common.report(
     image_encoder=f"efficientnet_lite0_imagenet at {IMAGE_SIZE} px (locked)",
     text_encoder=common.TEXT_PRESETS[args.lang],
     sequence_length=text_encoder.sequence_length,
+    text_unlocked_groups=text_groups,
     parameters=int(sum(np.prod(v.shape) for v in trainer.trainable_variables)),
     logit_scale=round(float(keras.ops.convert_to_numpy(model.logit_scale)), 2),
     asif={"k": asif.k, "p": asif.p, "metrics": {name: round(value, 4) for name, value in asif_metrics.items()}},
