@@ -86,21 +86,26 @@ def export(model, path, labels=None, templates=None, overwrite=False):
     """
     towers = _towers(model)
     labels = _check_labels(model, towers, labels, templates)
-    local, remote = _destination(path, overwrite)
+    target, remote = _destination(path, overwrite)
+    # Written to a staging directory first: a failed export leaves any previous model at `path` untouched.
+    staging = tempfile.mkdtemp(prefix=".kci_export_", dir=None if remote else os.path.dirname(os.path.abspath(target)))
     try:
         root, endpoints, metadata = _build(model, towers, labels, templates)
         signatures = {name: function.get_concrete_function() for name, function in endpoints.items()}
         signatures["serving_default"] = signatures["classify" if "classify" in endpoints else next(iter(endpoints))]
         for name, function in endpoints.items():
             setattr(root, name, function)
-        tf.saved_model.save(root, local, signatures=signatures)
-        with open(os.path.join(local, METADATA_FILE), "w", encoding="utf-8") as handle:
+        tf.saved_model.save(root, staging, signatures=signatures)
+        with open(os.path.join(staging, METADATA_FILE), "w", encoding="utf-8") as handle:
             json.dump({**metadata, "endpoints": list(endpoints)}, handle, indent=1, ensure_ascii=False)
         if remote is not None:
-            _copy_to(local, remote, overwrite)
+            _copy_to(staging, remote, overwrite)
+        else:
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(staging, target)
     finally:
-        if remote is not None:
-            shutil.rmtree(local, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return list(endpoints)
 
 
@@ -183,7 +188,7 @@ def _check_labels(model, towers, labels, templates):
 
 
 def _destination(path, overwrite):
-    """(local directory to write, remote URI or None), refusing to replace a model unless told to."""
+    """(local directory, None) or (None, remote URI); refuses to replace a model unless told to."""
     path = os.fspath(path)
     if "://" in path and not path.startswith("file://"):
         import fsspec
@@ -191,14 +196,13 @@ def _destination(path, overwrite):
         fs, remote = fsspec.core.url_to_fs(path)
         if fs.exists(remote) and fs.ls(remote) and not overwrite:
             raise FileExistsError(f"{path} already exists and is not empty: pass overwrite=True to replace it")
-        return tempfile.mkdtemp(prefix="kci_export_"), path
+        return None, path
     local = path[len("file://"):] if path.startswith("file://") else path
     if os.path.isfile(local):
         raise FileExistsError(f"{local} is a file: a SavedModel is a directory, pick another path")
-    if os.path.isdir(local) and os.listdir(local):
-        if not overwrite:
-            raise FileExistsError(f"{local} already exists and is not empty: pass overwrite=True to replace it")
-        shutil.rmtree(local)
+    if os.path.isdir(local) and os.listdir(local) and not overwrite:
+        raise FileExistsError(f"{local} already exists and is not empty: pass overwrite=True to replace it")
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
     return local, None
 
 
