@@ -255,10 +255,8 @@ class AnalogyCollection:
         if version > self.version or len(recorded) != self.version - version:
             return None
         rows = self._rows
-        return [
-            (change, np.fromiter((rows.get(i, -1) for i in payload), np.int64, len(payload)) if change == "add" else payload)
-            for _, change, payload in recorded
-        ]
+        current = lambda ids: np.fromiter((rows.get(i, -1) for i in ids), np.int64, len(ids))  # noqa: E731
+        return [(change, current(payload) if change == "add" else payload) for _, change, payload in recorded]
 
     def _record(self, change, payload):
         self.version += 1

@@ -217,7 +217,8 @@ class AnchorIndex:
             bias = np.array(bias if host is None else host[2])
             bias[slots[numbers == number] - offset] = -np.inf
             host = None if host is None else (host[0], host[1], bias)
-            blocks[number] = (values, scales, _to_device(bias, self.mesh), offset, filled, host, _live_columns(bias, filled))
+            live = _live_columns(bias, filled)
+            blocks[number] = (values, scales, _to_device(bias, self.mesh), offset, filled, host, live)
         jax.block_until_ready([blocks[number][2] for number in np.unique(numbers).tolist()])
         new._blocks = blocks
         return new
@@ -458,7 +459,8 @@ class _Store:
             values = self.values[number]
             a, b = max(lo, start), min(hi, start + len(values))
             if a < b:
-                out.append((a, values[a - start : b - start], None if self.scales is None else self.scales[number][a - start : b - start]))
+                scales = None if self.scales is None else self.scales[number][a - start : b - start]
+                out.append((a, values[a - start : b - start], scales))
         return out
 
     def slice(self, lo, hi):

@@ -16,7 +16,8 @@ IMAGE_DIM, TEXT_DIM = 24, 16
 
 def pairs(n, start, seed):
     rng = np.random.default_rng(seed)
-    return [f"id{i}" for i in range(start, start + n)], unit(rng.standard_normal((n, IMAGE_DIM))), unit(rng.standard_normal((n, TEXT_DIM)))
+    ids = [f"id{i}" for i in range(start, start + n)]
+    return ids, unit(rng.standard_normal((n, IMAGE_DIM))), unit(rng.standard_normal((n, TEXT_DIM)))
 
 
 def model(k=30, **kwargs):
@@ -27,7 +28,8 @@ def add(asif_or_collection, ids, image, text):
     if isinstance(asif_or_collection, ASIF):
         asif_or_collection.add(ids, image_embeddings=image, text_embeddings=text, captions=ids)
     else:
-        asif_or_collection.add(ids, captions=ids, embeddings={"image": {f"vector-{IMAGE_DIM}": image}, "text": {f"vector-{TEXT_DIM}": text}})
+        embeddings = {"image": {f"vector-{IMAGE_DIM}": image}, "text": {f"vector-{TEXT_DIM}": text}}
+        asif_or_collection.add(ids, captions=ids, embeddings=embeddings)
 
 
 def rebuilt(collection, order=None):
@@ -35,7 +37,8 @@ def rebuilt(collection, order=None):
     ids = collection.ids if order is None else order
     rows = collection.rows(ids)
     fresh = AnalogyCollection(name="rebuilt")
-    add(fresh, ids, collection.embeddings("image", f"vector-{IMAGE_DIM}")[rows], collection.embeddings("text", f"vector-{TEXT_DIM}")[rows])
+    image, text = collection.embeddings("image", f"vector-{IMAGE_DIM}"), collection.embeddings("text", f"vector-{TEXT_DIM}")
+    add(fresh, ids, image[rows], text[rows])
     return model(collection=fresh)
 
 
@@ -118,7 +121,10 @@ def test_queries_during_adds_and_removes_see_the_old_or_the_new_collection():
     asif = model(k=20)
     add(asif, *pairs(600, 0, seed=9))
     gone = rng.permutation(600)
-    changes = [("add", pairs(40, 600 + 40 * i, seed=10 + i)) if i % 2 == 0 else ("remove", [f"id{j}" for j in gone[30 * i : 30 * i + 30]]) for i in range(8)]
+    changes = [
+        ("add", pairs(40, 600 + 40 * i, seed=10 + i)) if i % 2 == 0 else ("remove", [f"id{j}" for j in gone[30 * i : 30 * i + 30]])
+        for i in range(8)
+    ]
     # The weights a query gets in each successive state, computed without any concurrency.
     serial = model(k=20)
     add(serial, *pairs(600, 0, seed=9))

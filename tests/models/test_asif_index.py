@@ -156,7 +156,8 @@ def test_appends_and_removals_equal_a_rebuild_and_leave_the_old_index_alone(dtyp
     assert index.size == rebuilt.size == len(final) == 2090
     assert index._slots == 2340  # removed anchors are masked, not moved: nothing was compacted
     np.testing.assert_array_equal(index.stored, rebuilt.stored)
-    for got, want in ((index.topk(queries, 40), rebuilt.topk(queries, 40)), (index.dense_topk(queries, 40), rebuilt.dense_topk(queries, 40))):
+    for search in ("topk", "dense_topk"):
+        got, want = getattr(index, search)(queries, 40), getattr(rebuilt, search)(queries, 40)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[0], want[0])
     assert_same_topk(index.topk(queries, 40), dense_topk(queries, dequantised(rebuilt), 40), dequantised(rebuilt), queries)
@@ -211,7 +212,10 @@ def test_queries_during_changes_see_one_published_index():
     states = [anchors]
     changes = []
     for step in range(12):
-        changes.append(("add", unit(rng.standard_normal((50, 16)))) if step % 2 == 0 else ("remove", rng.choice(1500, 40, replace=False)))
+        if step % 2 == 0:
+            changes.append(("add", unit(rng.standard_normal((50, 16)))))
+        else:
+            changes.append(("remove", rng.choice(1500, 40, replace=False)))
     answers, errors, done = [], [], threading.Event()
 
     def reader():
