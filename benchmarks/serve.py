@@ -8,13 +8,14 @@ the label embeddings are cached after the first request, so a request costs one 
 tower plus the ASIF search.
 
 Clients are threads with their own HTTP connection, each sending its requests back to back. Two server
-configurations run side by side in the same run: micro-batching on (--encoder-batch 32: concurrent
-requests' images share one encoder call) and off (--encoder-batch 1: one call per request). Ratios are
+configurations run side by side in the same run: micro-batching on (--encoder-batch 8: the images of up
+to 8 concurrent requests share one encoder call; 8 bounds the server's memory on a small shared machine)
+and off (--encoder-batch 1: one call per request). Ratios are
 against the single-client run of the same configuration. The machine's load average is recorded with
 each level, since other processes share the CPU.
 
-    python benchmarks/serve.py                       # both configurations, 1/8/32 clients
-    python benchmarks/serve.py --configs batched --requests 8
+    python benchmarks/serve.py                       # both configurations, 1/8/32 clients, whole emoji-it
+    python benchmarks/serve.py --pairs 256 --requests 4   # 256 training pairs: what results/serve.* hold
 """
 
 import argparse
@@ -38,7 +39,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-CONFIGS = {"batched": 32, "unbatched": 1}
+CONFIGS = {"batched": 8, "unbatched": 1}
 
 
 def free_port():
