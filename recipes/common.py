@@ -296,7 +296,10 @@ def results_table(results_dir=RESULTS_DIR):
             with open(path) as handle:
                 r = json.load(handle)
             m = r["metrics"]
-            rows.append(f"| {names[recipe]} | {lang} | {r['epochs']} | {recall(m, 'image_to_text_')} | "
+            name = names[recipe]
+            if recipe == "clip_italian" and r["schedule"]["unlock_epoch"] >= r["epochs"]:
+                name += " (phase 1 only: heads on frozen towers)"
+            rows.append(f"| {name} | {lang} | {r['epochs']} | {recall(m, 'image_to_text_')} | "
                         f"{recall(m, 'text_to_image_')} | {m['image_to_text_R@1'] / r['chance_R@1']:.0f}x | "
                         f"{r['seconds']['fit']:.0f} s |")
             if recipe == "lit":
