@@ -122,74 +122,97 @@ def main():
     figures_tmp = os.path.join(work, "figures")
     it = ["--lang", "it", "--collection", collections["it"], "--figures", figures_tmp]
     en = ["--lang", "en", "--collection", collections["en"], "--figures", figures_tmp]
+    results_path = os.path.join(FIGURES, "results.json")
     results = {}
+    if args.work and os.path.exists(results_path):  # an interrupted run: keep its finished stages
+        with open(results_path, encoding="utf-8") as handle:
+            results = json.load(handle)
+    examples = results.setdefault("examples", {})
 
-    files = [emoji[name] for name in CLASSES_IT]
-    classify_it = command("classify", *files, "--labels", *CLASSES_IT, "--truth", *CLASSES_IT, *it)
-    keep(classify_it, "zero_shot_emoji_it_confusion.png")
-    names_en = [english[name] for name in CLASSES_IT]
-    classify_en = command("classify", *files, "--labels", *names_en, "--truth", *names_en, *en)
-    os.remove(classify_en["figures"][0])
-    results["zero_shot_12_emoji"] = {
-        "it": {"top1": classify_it["accuracy_top1"], "top3": classify_it["accuracy_top3"]},
-        "en": {"top1": classify_en["accuracy_top1"], "top3": classify_en["accuracy_top3"]},
-        "classes": len(CLASSES_IT),
-    }
+    def stage(name):
+        """Writes what is done and says whether stage `name` still has to run, so a run stopped on a
+        shared machine (out of memory) resumes where it stopped with the same --work."""
+        with open(results_path, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+        return name not in results
 
     import skimage
 
+    def short(result):
+        text = json.dumps(result, ensure_ascii=False).replace(os.path.join(work, "test", "gallery") + os.sep, "emoji/")
+        return json.loads(text.replace(skimage.data.data_dir + os.sep, "photos/").replace(work + os.sep, ""))
+
+    def evaluation(result):
+        kept = {key: result[key] for key in ("dataset", "images", "templates", "metrics", "model") if key in result}
+        return dict(kept, chance_top1=result.get("chance_top1"), anchors_curve=result.get("anchors_curve"))
+
+    if stage("evaluate_emoji_it"):
+        evaluate_it = command("evaluate", "--limit", EVALUATED, "--anchors", ANCHORS, *it)
+        keep(evaluate_it, "accuracy_vs_anchors_emoji_it.png")
+        results["evaluate_emoji_it"] = evaluation(evaluate_it)
+    if stage("zero_shot_12_emoji"):
+        files = [emoji[name] for name in CLASSES_IT]
+        classify_it = command("classify", *files, "--labels", *CLASSES_IT, "--truth", *CLASSES_IT, *it)
+        keep(classify_it, "zero_shot_emoji_it_confusion.png")
+        names_en = [english[name] for name in CLASSES_IT]
+        classify_en = command("classify", *files, "--labels", *names_en, "--truth", *names_en, *en)
+        os.remove(classify_en["figures"][0])
+        results["zero_shot_12_emoji"] = {
+            "it": {"top1": classify_it["accuracy_top1"], "top3": classify_it["accuracy_top3"]},
+            "en": {"top1": classify_en["accuracy_top1"], "top3": classify_en["accuracy_top3"]},
+            "classes": len(CLASSES_IT),
+        }
+
     photos = [os.path.join(skimage.data.data_dir, name) for name in PHOTOS]
-    labels = list(PHOTOS.values())
-    classify_photos = command("classify", *photos, "--labels", *labels, "--truth", *labels, *it)
-    os.remove(classify_photos["figures"][0])
-    results["zero_shot_photos_it"] = {
-        "top1": classify_photos["accuracy_top1"],
-        "predictions": {os.path.basename(p["image"]): p["label"] for p in classify_photos["predictions"]},
-    }
+    if stage("zero_shot_photos_it"):
+        labels = list(PHOTOS.values())
+        classify_photos = command("classify", *photos, "--labels", *labels, "--truth", *labels, *it)
+        os.remove(classify_photos["figures"][0])
+        examples["classify"] = short(classify_photos)
+        results["zero_shot_photos_it"] = {
+            "top1": classify_photos["accuracy_top1"],
+            "predictions": {os.path.basename(p["image"]): p["label"] for p in classify_photos["predictions"]},
+        }
 
-    retrieve_it = command("retrieve", "--texts", *QUERIES_IT, "--images", os.path.join(work, "test", "gallery"), *it)
-    keep(retrieve_it, "retrieval_emoji_it.png")
-    path_names = {path: name for name, path in emoji.items()}
-    results["retrieval_it"] = {r["query"]: [path_names[m["item"]] for m in r["matches"]] for r in retrieve_it["results"]}
+    if stage("retrieval_it"):
+        gallery = os.path.join(work, "test", "gallery")
+        retrieve_it = command("retrieve", "--texts", *QUERIES_IT, "--images", gallery, *it)
+        keep(retrieve_it, "retrieval_emoji_it.png")
+        path_names = {path: name for name, path in emoji.items()}
+        examples["retrieve"] = short(dict(retrieve_it, results=retrieve_it["results"][:1]))
+        results["retrieval_gallery_size"] = retrieve_it["gallery_size"]
+        results["retrieval_it"] = {r["query"]: [path_names[m["item"]] for m in r["matches"]] for r in retrieve_it["results"]}
 
-    tiles = [np.asarray(Image.open(emoji[name])) for name in SCENE_IT]
-    scene = np.concatenate([np.concatenate(tiles[:2], axis=1), np.concatenate(tiles[2:], axis=1)], axis=0)
-    scene_path = os.path.join(work, "scene.png")
-    Image.fromarray(scene).save(scene_path)
-    localize_scene = command("localize", scene_path, "--texts", SCENE_IT[0], "--patch-fraction", "0.5", "--grid", "2", *it)
-    keep(localize_scene, "localization_emoji_scene_it.png")
-    localize_cat = command("localize", photos[0], "--texts", PHOTOS["chelsea.png"], *it)
-    keep(localize_cat, "localization_chelsea_it.png")
-    results["localization"] = {
-        "scene_tiles": SCENE_IT,
-        "scene_quadrant_means": localize_scene["maps"][0]["grid"],
-        "chelsea_peak": localize_cat["maps"][0]["peak"],
-        "chelsea_shape": localize_cat["maps"][0]["shape"],
-    }
+    if stage("localization"):
+        tiles = [np.asarray(Image.open(emoji[name])) for name in SCENE_IT]
+        scene = np.concatenate([np.concatenate(tiles[:2], axis=1), np.concatenate(tiles[2:], axis=1)], axis=0)
+        scene_path = os.path.join(work, "scene.png")
+        Image.fromarray(scene).save(scene_path)
+        localize_scene = command("localize", scene_path, "--texts", SCENE_IT[0], "--patch-fraction", "0.5",
+                                 "--grid", "2", *it)
+        keep(localize_scene, "localization_emoji_scene_it.png")
+        localize_cat = command("localize", photos[0], "--texts", PHOTOS["chelsea.png"], *it)
+        keep(localize_cat, "localization_chelsea_it.png")
+        examples["localize"] = short(localize_scene)
+        results["localization"] = {
+            "scene_tiles": SCENE_IT,
+            "scene_quadrant_means": localize_scene["maps"][0]["grid"],
+            "chelsea_peak": localize_cat["maps"][0]["peak"],
+            "chelsea_shape": localize_cat["maps"][0]["shape"],
+        }
 
-    evaluate_it = command("evaluate", "--limit", EVALUATED, "--anchors", ANCHORS, *it)
-    keep(evaluate_it, "accuracy_vs_anchors_emoji_it.png")
-    evaluate_en = command("evaluate", "--limit", EVALUATED, *en)
-    fashion = command("evaluate", "--dataset", "fashion-mnist", "--limit", "100", *it)
-    keep(fashion, "zero_shot_fashion_mnist_it_confusion.png")
-    for name, result in (("evaluate_emoji_it", evaluate_it), ("evaluate_emoji_en", evaluate_en),
-                         ("evaluate_fashion_mnist_it_100", fashion)):
-        results[name] = {key: result[key] for key in ("dataset", "images", "templates", "metrics", "model")
-                         if key in result}
-        results[name]["chance_top1"] = result.get("chance_top1")
-    results["evaluate_emoji_it"]["anchors_curve"] = evaluate_it["anchors_curve"]
+    if stage("evaluate_fashion_mnist_it_100"):
+        fashion = command("evaluate", "--dataset", "fashion-mnist", "--limit", "100", *it)
+        keep(fashion, "zero_shot_fashion_mnist_it_confusion.png")
+        results["evaluate_fashion_mnist_it_100"] = evaluation(fashion)
+    if stage("evaluate_emoji_en"):
+        results["evaluate_emoji_en"] = evaluation(command("evaluate", "--limit", EVALUATED, *en))
 
-    # What the commands print, for the pages (one query of the retrieval, paths as the pages write them).
-    retrieve_it["results"] = retrieve_it["results"][:1]
-    examples = {"classify": classify_photos, "retrieve": retrieve_it, "localize": localize_scene}
-    text = json.dumps(examples, ensure_ascii=False).replace(os.path.join(work, "test", "gallery") + os.sep, "emoji/")
-    results["examples"] = json.loads(text.replace(skimage.data.data_dir + os.sep, "photos/").replace(work + os.sep, ""))
     results["seconds"] = round(time.perf_counter() - started)
     results["figures_bytes"] = {name: os.path.getsize(os.path.join(FIGURES, name))
                                 for name in sorted(os.listdir(FIGURES)) if name.endswith(".png")}
-    with open(os.path.join(FIGURES, "results.json"), "w", encoding="utf-8") as handle:
-        json.dump(results, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
+    stage("written")
     if not args.work:
         shutil.rmtree(work)
     print(json.dumps(results, indent=2, ensure_ascii=False))
