@@ -6,7 +6,7 @@ Imported lazily: TensorFlow (export) and FastAPI (server) load only when used.
 import importlib
 
 _NAMES = {
-    "export": "keras_clip_it.serving.export",
+    "export": "keras_clip_it.serving.saved_model",
     "create_app": "keras_clip_it.serving.server",
 }
 

@@ -10,9 +10,7 @@ collection, and the sparse products with the label representations fixed at expo
 import json
 import os
 import shutil
-import sys
 import tempfile
-import types
 import warnings
 
 import keras
@@ -475,14 +473,3 @@ class _Relative:
             return tf.reshape(total, [queries, classes])
 
         return scores
-
-
-class _CallableModule(types.ModuleType):
-    """Lets `kci.serving.export(...)` call the function even once `import keras_clip_it.serving.export` has
-    bound the package attribute `export` to this module, which shares the function's name."""
-
-    def __call__(self, *args, **kwargs):
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
