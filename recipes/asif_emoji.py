@@ -1,8 +1,8 @@
 """ASIF on the embedded emoji pairs: held-out image -> caption retrieval in English and Italian.
 
-The 1,500 training pairs are the analogy collection; each held-out emoji image must find its own caption
+The 1,481 training pairs are the analogy collection; each held-out emoji image must find its own caption
 among the held-out captions. k and p are chosen on a validation split carved out of the training pairs
-(1,200 anchors, 300 validation queries), never on the test pairs; the test numbers then use all 1,500
+(1,181 anchors, 300 validation queries), never on the test pairs; the test numbers then use all 1,481
 anchors. "joint" is the (k, p) best on validation averaged over both languages: kci.ASIF's defaults.
 English captions go through MiniLM (all-MiniLM-L6-v2), Italian ones through multilingual-e5-small;
 images through EfficientNet-Lite0 (ImageNet). Everything is offline.
