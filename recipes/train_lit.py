@@ -91,7 +91,8 @@ with timer("evaluate"):
 # ASIF on the same split, with the same frozen image features and the frozen pretrained text tower.
 with timer("asif"):
     frozen_text = kci.TextEncoder.from_preset(common.TEXT_PRESETS[args.lang])
-    asif = kci.ASIF(image_encoder, frozen_text, k=min(800, len(train_captions)))
+    # The paper's k and p, fixed here so runs stay comparable; recipes/asif_emoji.py tunes them on validation.
+    asif = kci.ASIF(image_encoder, frozen_text, k=min(800, len(train_captions)), p=8)
     asif.add([f"train-{i}" for i in range(len(train_captions))], image_embeddings=train_features,
              text_embeddings=frozen_text.embed(train_captions))
     scores = asif.similarity(asif.encode_images(embeddings=test_features),
