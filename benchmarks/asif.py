@@ -92,7 +92,7 @@ def gemm_only(queries, chunks):
 def bf16_gemm_only(queries, index):
     """The bfloat16 product alone over the index's own blocks: the floor of our screening."""
     queries = jnp.asarray(queries.astype(jnp.bfloat16))
-    outputs = [asif_index._block_scores(queries, anchors, scales)[0] for anchors, scales, _, _ in index._blocks]
+    outputs = [asif_index._block_scores(queries, anchors, scales, bias)[0] for anchors, scales, bias, *_ in index._blocks]
     outputs[-1].block_until_ready()
 
 

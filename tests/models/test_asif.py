@@ -337,12 +337,3 @@ def test_templates():
 def test_exported_from_package():
     assert kci.ASIF is ASIF
     assert kci.collections.AnalogyCollection is AnalogyCollection
-
-
-def test_defaults_are_the_emoji_recipes_joint_best():
-    # recipes/asif_emoji.py writes the (k, p) best on validation over both languages; the defaults follow it.
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "asif_emoji.json")
-    with open(path) as handle:
-        joint = json.load(handle)["joint_best"]
-    model = ASIF(VectorEncoder(4), WordEncoder(4))
-    assert (model.k, model.p) == (joint["k"], joint["p"])
