@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 # Emoji drawn together into one picture for the localization map, and the text to find in it.
-SCENE = ["gatto", "pizza", "automobile", "albero di Natale"]
+SCENE = ["gatto", "pizza", "auto", "albero di natale"]
 SCENE_QUERY = "gatto"
 RETRIEVAL_QUERIES = ["un gatto", "una pizza", "la bandiera dell'Italia", "un cuore rosso", "la pioggia"]
 
@@ -29,7 +29,7 @@ def _done(start, what=""):
 
 def _find(captions, word):
     """Index of the shortest caption containing `word` (the plainest emoji for it)."""
-    matches = [i for i, caption in enumerate(captions) if word in caption.lower()]
+    matches = [i for i, caption in enumerate(captions) if word.lower() in caption.lower()]
     if not matches:
         raise LookupError(f"no emoji caption contains {word!r}")
     return min(matches, key=lambda i: len(captions[i]))
