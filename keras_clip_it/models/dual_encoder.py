@@ -372,16 +372,18 @@ class DualEncoder(keras.Model):
 
     @classmethod
     def from_preset(cls, preset, **kwargs):
-        """Loads a trained dual encoder from a `.keras` file or a local directory.
+        """Loads a trained dual encoder from a `.keras` file, a local directory or "hf://org/name".
 
         Args:
-            preset: a `.keras` file, a directory holding `model.keras`, or a local Hugging Face
-                directory whose model type has a registered converter.
+            preset: a `.keras` file, a directory holding `model.keras`, a local Hugging Face
+                directory whose model type has a registered converter ("clip",
+                "vision-text-dual-encoder"), or "hf://org/name" (downloaded once when online).
             **kwargs: passed to the converter.
         """
         from keras_clip_it.encoders import presets
 
-        local = preset[len("file://"):] if preset.startswith("file://") else preset
+        local = presets.resolve(preset)  # "hf://org/name": the downloaded folder (fails fast offline)
+        local = local[len("file://"):] if local.startswith("file://") else local
         if local.endswith(".keras") and os.path.isfile(local):
             return keras.saving.load_model(local)
         if os.path.isdir(local):

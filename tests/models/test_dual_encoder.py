@@ -246,3 +246,11 @@ def test_compile_rejects_label_metrics_and_from_preset_explains(tmp_path):
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "siglip"}')
     with pytest.raises(ValueError, match="siglip"):
         kci.DualEncoder.from_preset(str(tmp_path / "hf"))
+
+
+def test_hf_presets_are_downloaded_first_and_fail_fast_offline(monkeypatch):
+    from keras_clip_it.encoders import presets
+
+    monkeypatch.setattr(presets, "_reachable", lambda host, timeout=3.0: False)
+    with pytest.raises(ConnectionError, match="offline"):
+        kci.DualEncoder.from_preset("hf://clip-italian/clip-italian")
