@@ -1,5 +1,7 @@
 """Training callbacks for dual encoders: the CLIP-Italian schedule of locking and unlocking towers."""
 
+import math
+
 import keras
 
 from keras_clip_it.models.dual_encoder import TOWERS
@@ -18,7 +20,8 @@ class UnlockTowers(keras.callbacks.Callback):
 
     Args:
         unlock_epoch: first epoch (0-based) of phase 2.
-        learning_rate: the phase-2 learning rate; default a tenth of the phase-1 rate.
+        learning_rate: the phase-2 learning rate; default a tenth of the phase-1 rate (divided once, also when
+            several UnlockTowers, e.g. one per tower, switch the same model).
         towers: the towers to lock in phase 1 and unlock in phase 2.
         unlocked_groups: in phase 2, leave only the top groups of each tower trainable (None: all).
 
@@ -50,12 +53,17 @@ class UnlockTowers(keras.callbacks.Callback):
             return
         if all(model.locked_towers.get(tower) == self.unlocked_groups for tower in self.towers):
             return
+        current = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
         learning_rate = self.learning_rate
         if learning_rate is None:
-            learning_rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) / 10.0
+            # Another UnlockTowers (say one per tower) may have switched this model to phase 2 already,
+            # in this epoch or an earlier one: its rate is the phase-2 rate, not a phase-1 rate to divide.
+            switched = getattr(model, "_phase2_learning_rate", None)
+            learning_rate = current if switched is not None and math.isclose(current, switched, rel_tol=1e-6) else current / 10.0
         for tower in self.towers:
             if self.unlocked_groups is None:
                 model.unlock(tower)
             else:
                 model.lock(tower, self.unlocked_groups)
         model._set_learning_rate(learning_rate)
+        model._phase2_learning_rate = learning_rate

@@ -78,3 +78,13 @@ def test_partial_unlock_and_bad_arguments():
     assert model.locked_towers == {"image": 1}
     with pytest.raises(ValueError, match="towers"):
         kci.callbacks.UnlockTowers(towers=["audio"])
+
+
+def test_two_callbacks_switching_in_the_same_epoch_divide_the_rate_once():
+    model = tiny_model()
+    model.compile(optimizer=keras.optimizers.AdamW(1e-2))
+    recorder = Recorder()
+    callbacks = [kci.callbacks.UnlockTowers(1, towers="image"), kci.callbacks.UnlockTowers(1, towers="text"), recorder]
+    model.fit(dataset(model), epochs=3, verbose=0, callbacks=callbacks)
+    np.testing.assert_allclose(recorder.learning_rates, [1e-2, 1e-3, 1e-3], rtol=1e-6)
+    assert model.locked_towers == {}
