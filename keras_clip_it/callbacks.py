@@ -59,7 +59,8 @@ class UnlockTowers(keras.callbacks.Callback):
             # Another UnlockTowers (say one per tower) may have switched this model to phase 2 already,
             # in this epoch or an earlier one: its rate is the phase-2 rate, not a phase-1 rate to divide.
             switched = getattr(model, "_phase2_learning_rate", None)
-            learning_rate = current if switched is not None and math.isclose(current, switched, rel_tol=1e-6) else current / 10.0
+            already = switched is not None and math.isclose(current, switched, rel_tol=1e-6)
+            learning_rate = current if already else current / 10.0
         for tower in self.towers:
             if self.unlocked_groups is None:
                 model.unlock(tower)
