@@ -2,8 +2,17 @@
 
 import hashlib
 import json
+import threading
+import weakref
 
+import keras
 import numpy as np
+
+# Per encoder: the lock that orders fingerprint reads with predictions and weight changes, and the last
+# digest with what it was computed from. Kept outside the encoders so they stay plain Keras models
+# (copyable, serialisable).
+_STATE = weakref.WeakKeyDictionary()
+_STATE_LOCK = threading.Lock()
 
 
 def l2_normalize(array, axis=-1):
@@ -43,16 +52,96 @@ class EncoderMixin:
         Collections store embeddings per fingerprint, so embeddings from different encoders (or from the
         same architecture with other weights, e.g. after fine-tuning) are never mixed. Layer names are
         left out: they change between instances without changing what the encoder computes.
+
+        Hashing every weight takes hundreds of milliseconds for a 100M-parameter encoder, so the digest
+        is cached while the weights provably have not changed. On JAX a variable's value is an immutable
+        array replaced by every assignment, so the cache is keyed on the identities of the current
+        arrays (`predict_on_batch`, which re-wraps them without changing them, carries the key over). On
+        other backends variables change in place: the digest is cached only while the encoder has no
+        trainable weight, and `set_weights`, `load_weights` and setting `trainable` forget it (assigning
+        a frozen variable directly with `variable.assign` there is not noticed). Reads, predictions and
+        weight changes of one encoder are serialised by a lock, so a read never sees weights that a
+        prediction in another thread is swapping.
+
+        Example:
+        >>> import keras_clip_it as kci
+        >>> encoder = kci.TextEncoder.from_preset("all_minilm_l6_v2")
+        >>> encoder.fingerprint == encoder.fingerprint  # the second read hashes nothing
+        True
         """
-        digest = hashlib.blake2b(digest_size=16)
-        digest.update(type(self).__name__.encode())
-        config = _strip_names(self.get_config())
-        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-        for weight in self.weights:
-            value = np.ascontiguousarray(np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight))
-            digest.update(str(value.shape).encode())
-            digest.update(value.tobytes())
-        return digest.hexdigest()
+        state = _state(self)
+        with state.lock:
+            config = json.dumps(_strip_names(self.get_config()), sort_keys=True, default=str)
+            token = self._weights_token()
+            cached = state.digest
+            if cached is not None and cached[0] == config and token is not None and _same(cached[1], token):
+                return cached[2]
+            digest = hashlib.blake2b(digest_size=16)
+            digest.update(type(self).__name__.encode())
+            digest.update(config.encode())
+            for weight in self.weights:
+                value = _weight_bytes(weight)
+                digest.update(str(value.shape).encode())
+                digest.update(value.tobytes())
+            state.digest = None if token is None else (config, token, digest.hexdigest())
+            return digest.hexdigest()
+
+    def _weights_token(self):
+        """What proves the weights unchanged since the token was taken, or None when nothing can.
+
+        JAX: weak references to the current value arrays (a live array's identity is unique, and any
+        assignment installs a new one). Other backends: an empty tuple while no weight is trainable
+        (nothing trains it; explicit weight changes forget the digest), else None.
+        """
+        if keras.backend.backend() == "jax":
+            values = [_jax_value(weight) for weight in self.weights]
+            return tuple(weakref.ref(value) for value in values)
+        return None if self.trainable_weights else ()
+
+    def predict_on_batch(self, x):
+        """Keras's `predict_on_batch`, serialised with fingerprint reads and weight changes of this encoder.
+
+        Keras on JAX donates the weight arrays to each prediction and installs the returned ones, so a
+        concurrent reader of the weights could find them deleted; predicting leaves them unchanged, so the
+        cached fingerprint follows them to the new arrays.
+        """
+        if keras.backend.backend() != "jax":
+            return super().predict_on_batch(x)
+        state = _state(self)
+        with state.lock:
+            before = state.digest
+            still_valid = before is not None and _same(before[1], self._weights_token())
+            outputs = super().predict_on_batch(x)
+            if still_valid:
+                state.digest = (before[0], self._weights_token(), before[2])
+            return outputs
+
+    def set_weights(self, weights):
+        """Keras's `set_weights`; forgets the cached fingerprint."""
+        state = _state(self)
+        with state.lock:
+            state.digest = None
+            super().set_weights(weights)
+
+    def load_weights(self, filepath, *args, **kwargs):
+        """Keras's `load_weights`; forgets the cached fingerprint."""
+        state = _state(self)
+        with state.lock:
+            state.digest = None
+            return super().load_weights(filepath, *args, **kwargs)
+
+    @property
+    def trainable(self):
+        return keras.layers.Layer.trainable.fget(self)
+
+    @trainable.setter
+    def trainable(self, value):
+        # Unfreezing and training on a backend whose variables change in place invalidates the digest.
+        keras.layers.Layer.trainable.fset(self, value)
+        state = _STATE.get(self)
+        if state is not None:
+            with state.lock:
+                state.digest = None
 
     def _run_batches(self, count, make_batch, batch_size, progress, desc):
         """Runs `predict_on_batch` over `count` items in static-shaped batches and returns float32 rows.
@@ -86,6 +175,43 @@ class EncoderMixin:
         if not outputs:
             return np.zeros((0, self.embedding_dim), np.float32)
         return np.concatenate(outputs)
+
+
+class _FingerprintState:
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.digest = None  # (config json, weights token, hex digest)
+
+
+def _state(encoder):
+    with _STATE_LOCK:
+        state = _STATE.get(encoder)
+        if state is None:
+            state = _STATE[encoder] = _FingerprintState()
+        return state
+
+
+def _same(token, other):
+    """Whether two weight tokens name the same (live) arrays."""
+    if other is None or len(token) != len(other):
+        return False
+    return all(a() is not None and a() is b() for a, b in zip(token, other))
+
+
+def _jax_value(weight):
+    # `.value` of a variable whose array is held by a running fit returns its initializer's output.
+    value = getattr(weight, "_value", None)
+    if value is None:
+        raise RuntimeError(
+            f"the weights of this encoder are held by a running fit or predict (variable {weight.path!r} has "
+            "no value): read the fingerprint before or after it"
+        )
+    return value
+
+
+def _weight_bytes(weight):
+    """The contiguous numpy array of one weight: the only place a fingerprint reads weights."""
+    return np.ascontiguousarray(np.asarray(weight.numpy() if hasattr(weight, "numpy") else weight))
 
 
 def _pad_rows(batch, size):
