@@ -4,14 +4,15 @@
 
 Three properties shape the code:
 
-- **One collection per answer.** An ASIF collection changes while clients classify (pairs added or
-  removed, another collection activated). `ASIF.add` and `ASIF.remove` edit the collection in place (rows
-  move, arrays grow) and the anchor indexes are rebuilt lazily by whichever call notices the change, so a
-  classify running during an edit could mix two states. The server therefore never edits a collection
-  that a request may be reading: every change builds a new collection (copy, then edit), a new ASIF over
-  it with its anchor indexes built, and publishes that *snapshot* with one assignment. A request takes
-  the current snapshot once and computes everything on it; its answer names the snapshot's version.
-  Copying costs O(N x D), the same order as rebuilding the anchor index, which any change needs anyway.
+- **One collection per answer, changes in O(change).** An ASIF collection changes while clients classify
+  (pairs added or removed, another collection activated). A request never reads the collection: it
+  reads a *snapshot*, published with one assignment, that holds the anchor indexes of one collection
+  version (`AnchorIndex`es are never changed once built: a change makes new ones that share the old
+  ones' stored anchors). A change edits the server's own copy of the active collection in place
+  (`AnalogyCollection.add`/`remove` cost O(pairs changed)), brings the indexes to the new version with
+  `follow` (O(pairs changed) too) and publishes the new snapshot; requests in flight keep the old
+  indexes. A request takes the current snapshot once and computes everything on it; its answer names
+  the snapshot's version. Only activating another collection builds indexes from scratch (O(N)).
 - **Bad input is a 4xx, never a 5xx.** Bodies are bounded before parsing, every field is bounded in the
   schema (batch, label and caption sizes), images are checked against a pixel limit from their header
   before any pixel is decoded, embeddings must be finite, non-zero and of the model's dimension, and
@@ -19,7 +20,8 @@ Three properties shape the code:
 - **Concurrent clients share the encoders.** Requests run in a thread pool; encoder calls go through one
   worker per encoder that takes every request waiting at that moment and runs them as one batch
   (micro-batching without a timer: a lone client waits for nobody, and under load a batch forms while
-  the previous one runs).
+  the previous one runs). The image and text workers run at the same time (each encoder orders its own
+  predictions), so embedding new labels never stalls the images of other requests.
 """
 
 import base64
@@ -55,7 +57,10 @@ from keras_clip_it.data.images import ImageDecodeError
 from keras_clip_it.data.images import to_rgb_array
 from keras_clip_it.encoders.base import l2_normalize
 from keras_clip_it.models.asif import UNKNOWN
+from keras_clip_it.models.asif import RelativeRepresentation
 from keras_clip_it.models.asif import sparse_inner
+from keras_clip_it.models.asif_index import AnchorIndex
+from keras_clip_it.models.asif_index import follow
 from keras_clip_it.tasks.templates import fill
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,")
@@ -103,20 +108,43 @@ class ApiError(Exception):
 class Snapshot:
     """One published state of the served model: what every answer is computed on.
 
+    Nothing a snapshot holds changes after it is published, so a request that took it computes on one
+    collection version from start to end, whatever changes are published meanwhile.
+
     Attributes:
-        version: int, grows by one on every change of the active collection (0: no collection).
+        version: int, grows by one on every change of the active collection (0: no collection; None for
+            a DualEncoder).
         name: the active collection's name, or None.
-        collection: the `AnalogyCollection` (never edited once published), or None.
-        model: the ASIF over `collection` (or the DualEncoder, which has no collection).
+        pairs: int, the number of pairs in the collection at this version.
+        indexes: {"image": AnchorIndex, "text": AnchorIndex} over the collection at this version, or
+            None when there are no anchors.
+        k: int, anchors per ASIF representation (from the served model when the snapshot was published).
+        p: float, the ASIF exponent.
+        unknown_threshold: float, the best score at or below which a classification is "unknown".
     """
 
     version: Optional[int]
     name: Optional[str]
-    collection: Optional[AnalogyCollection]
-    model: object
+    pairs: int = 0
+    indexes: Optional[dict] = None
+    k: int = 0
+    p: float = 1.0
+    unknown_threshold: float = -np.inf
 
     def info(self):
-        return {"name": self.name, "version": self.version, "pairs": len(self.collection) if self.collection else 0}
+        return {"name": self.name, "version": self.version, "pairs": self.pairs}
+
+    def relative(self, embeddings, kind):
+        """ASIF's relative representations of unit `embeddings` (n, D) against this version's `kind` anchors.
+
+        The same computation as `ASIF.relative`, on this snapshot's index instead of the model's current one.
+        """
+        index = self.indexes[kind]
+        similarities, rows = index.topk(l2_normalize(embeddings), min(self.k, index.size))
+        weights = np.maximum(similarities, 0.0) ** self.p
+        norms = np.linalg.norm(weights, axis=1, keepdims=True)
+        weights = np.where(norms > 0, weights / np.maximum(norms, 1e-30), 0.0).astype(np.float32)
+        return RelativeRepresentation(rows, weights, index.size, self.version)
 
 
 class _Batcher:
@@ -185,16 +213,26 @@ class _Batcher:
                 start += len(items)
 
 
+def _holding(lock, function):
+    def run(*args, **kwargs):
+        with lock:
+            return function(*args, **kwargs)
+
+    return run
+
+
 class Service:
     """The served model, its published snapshot, the registered collections and the encoder batchers.
 
     Reads (`embed`, `classify`, `retrieve`) take the current snapshot once; changes (`activate`, `add`,
-    `remove`) are serialised by a lock, build a new snapshot and publish it with one assignment.
+    `remove`) are serialised by a lock, edit the server's own copy of the collection, bring its anchor
+    indexes up to date and publish a new snapshot with one assignment.
 
     Args:
         model: a `kci.ASIF` or a `kci.DualEncoder`.
         collections: optional iterable of `AnalogyCollection`s (or registered names / URIs) clients may
             activate by name, in addition to the model's own and the installed plugins' collections.
+            The server keeps its own copies: it never edits the collections (or the model) it is given.
         limits: a `Limits`.
         allow_uris: whether clients may activate collections by URI or path (off: only names).
         encoder_batch: most images or texts one encoder call takes from concurrent requests (1: no
@@ -208,41 +246,41 @@ class Service:
         if not self.is_asif and not hasattr(model, "encode_images"):
             raise TypeError(f"create_app serves a kci.ASIF or a kci.DualEncoder, got {type(model).__name__}")
         self.model = model
-        # Keras on JAX replaces a model's weight buffers while it predicts, so reading the weights from
-        # another thread (encoder fingerprints: ASIF.use, ASIF.index, collection.embed) can fail with
-        # "Array has been deleted". Every use of an encoder holds its lock; fingerprints are read once.
-        self._encoder_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._label_lock = threading.Lock()
         self._labels = OrderedDict()
         self._registered = {}
+        # The collection the current snapshot's indexes were built on, and its version then.
+        self._indexed = (None, None)
         if self.is_asif:
             self.image_dim = model.image_encoder.embedding_dim
             self.text_dim = model.text_encoder.embedding_dim
+            # Read once: an encoder with trainable weights on TensorFlow or torch rehashes all of them on
+            # every read (seconds for multilingual-e5-small), and changes must cost O(pairs changed).
             self.fingerprints = {"image": model.image_encoder.fingerprint, "text": model.text_encoder.fingerprint}
-            self._embed_images = _Batcher(self._locked(model.image_encoder.embed), encoder_batch)
-            self._embed_texts = _Batcher(self._locked(model.text_encoder.embed), encoder_batch)
+            # Each encoder orders its own predictions, so the two workers need no common lock.
+            self._embed_images = _Batcher(model.image_encoder.embed, encoder_batch)
+            self._embed_texts = _Batcher(model.text_encoder.embed, encoder_batch)
             for collection in collections or ():
                 self._register(self._load(collection, trusted=True) if isinstance(collection, str) else collection)
-            self.snapshot = Snapshot(0, None, None, None)
+            self.snapshot = Snapshot(0, None)
             if model.collection is not None:
-                own = self._own_copy(model.collection)
-                self._register(own)
-                self._publish(own)
+                self._publish(self._register(model.collection))
         else:
             if collections:
                 raise ValueError("a DualEncoder has no analogy collection: pass collections= only with an ASIF")
             self.image_dim = self.text_dim = int(model.projection_dim)
-            self._embed_images = _Batcher(self._locked(model.encode_images), encoder_batch)
-            self._embed_texts = _Batcher(self._locked(model.encode_texts), encoder_batch)
-            self.snapshot = Snapshot(None, None, None, model)
+            # Both towers belong to one Keras model, whose predictions must not overlap (on JAX they
+            # replace its weight arrays).
+            lock = threading.Lock()
+            self._embed_images = _Batcher(_holding(lock, model.encode_images), encoder_batch)
+            self._embed_texts = _Batcher(_holding(lock, model.encode_texts), encoder_batch)
+            self.snapshot = Snapshot(None, None)
 
-    def _locked(self, function):
-        def run(*args, **kwargs):
-            with self._encoder_lock:
-                return function(*args, **kwargs)
-
-        return run
+    @property
+    def collection(self):
+        """The server's own copy of the active collection (it changes with every add and remove), or None."""
+        return self._indexed[0]
 
     def warm_up(self):
         """Compiles the image tower for every batch size micro-batching can form, so no client pays for it."""
@@ -277,13 +315,12 @@ class Service:
             repeated = sorted({label for label in labels if labels.count(label) > 1})
             raise ApiError(422, "invalid_labels", f"labels repeat: {repeated[:10]}; give each class once")
         queries = self._image_rows(images, image_embeddings, "images", "image_embeddings")
-        classes = self._label_embeddings(labels, templates)
+        classes = self._labels_entry(labels, templates)
         if self.is_asif:
-            model = snapshot.model
-            scores = model.similarity(model.relative(queries, "image"), model.relative(classes, "text"))
-            threshold = model.unknown_threshold
+            scores = sparse_inner(snapshot.relative(queries, "image"), self._class_relative(snapshot, classes))
+            threshold = snapshot.unknown_threshold
         else:
-            scores, threshold = queries @ classes.T, -np.inf
+            scores, threshold = queries @ classes["embeddings"].T, -np.inf
         best = scores.argmax(axis=1)
         predictions = []
         for row, index in zip(scores, best):
@@ -302,8 +339,7 @@ class Service:
         query_rows = self._rows(queries, "queries")
         gallery_rows = self._rows(gallery, "gallery")
         if self.is_asif:
-            model = snapshot.model
-            scores = sparse_inner(model.relative(*query_rows), model.relative(*gallery_rows))
+            scores = sparse_inner(snapshot.relative(*query_rows), snapshot.relative(*gallery_rows))
         else:
             scores = query_rows[0] @ gallery_rows[0].T
         top_k = min(int(top_k), scores.shape[1])
@@ -313,7 +349,7 @@ class Service:
 
     def _readable(self):
         snapshot = self.snapshot
-        if self.is_asif and (snapshot.collection is None or not len(snapshot.collection)):
+        if self.is_asif and snapshot.indexes is None:
             raise ApiError(
                 409,
                 "no_collection",
@@ -338,8 +374,12 @@ class Service:
             return self._embed_images(self.decode_images(images, images_field))
         return self._check_embeddings(embeddings, self.image_dim, embeddings_field)
 
-    def _label_embeddings(self, labels, templates):
-        """Unit (C, D) embeddings of the labels, templates averaged; cached (they never depend on a collection)."""
+    def _labels_entry(self, labels, templates):
+        """The cache entry of a label set: {"embeddings": unit (C, D), "relative": (version, representation)}.
+
+        Label embeddings (templates averaged) never depend on a collection and are kept across versions;
+        their relative representation is kept for the last snapshot version it was computed on.
+        """
         key = (tuple(labels), templates if not isinstance(templates, list) else tuple(templates))
         with self._label_lock:
             cached = self._labels.get(key)
@@ -359,12 +399,20 @@ class Service:
                 f"the limit of {self.limits.captions}: use fewer labels or a shorter template set (e.g. 'it-short')",
             )
         flat = self._embed_texts([caption for group in captions for caption in group])
-        embeddings = l2_normalize(flat.reshape(len(labels), per_label, -1).mean(axis=1))
+        entry = {"embeddings": l2_normalize(flat.reshape(len(labels), per_label, -1).mean(axis=1)), "relative": None}
         with self._label_lock:
-            self._labels[key] = embeddings
+            self._labels[key] = entry
             while len(self._labels) > _LABEL_CACHE_SIZE:
                 self._labels.popitem(last=False)
-        return embeddings
+        return entry
+
+    @staticmethod
+    def _class_relative(snapshot, entry):
+        cached = entry["relative"]  # one read: another thread may replace it meanwhile
+        if cached is None or cached[0] != snapshot.version:
+            cached = (snapshot.version, snapshot.relative(entry["embeddings"], "text"))
+            entry["relative"] = cached
+        return cached[1]
 
     def decode_images(self, images, field):
         """Base64 strings -> uint8 (H, W, 3) arrays, refusing bombs before decoding and naming the bad item."""
@@ -470,8 +518,9 @@ class Service:
         else:
             text_rows = self._check_embeddings(text_embeddings, self.text_dim, "text_embeddings")
         with self._write_lock:
-            current = self.snapshot.collection
-            collection = self._own_copy(current) if current is not None else AnalogyCollection(name="default")
+            collection = self.collection
+            if collection is None:
+                collection = self._register(AnalogyCollection(name="default"))
             try:
                 collection.add(
                     ids,
@@ -483,21 +532,18 @@ class Service:
                 )
             except ValueError as error:
                 raise ApiError(409, "duplicate_ids", str(error)) from None
-            self._register(collection)
             return self._publish(collection)
 
     def remove(self, ids):
         self._require_asif()
         with self._write_lock:
-            current = self.snapshot.collection
-            if current is None:
+            collection = self.collection
+            if collection is None:
                 raise ApiError(409, "no_collection", "no collection is active: there is nothing to remove")
-            collection = self._own_copy(current)
             try:
                 collection.remove(ids)
             except KeyError as error:
                 raise ApiError(404, "unknown_ids", str(error.args[0])) from None
-            self._register(collection)
             return self._publish(collection)
 
     def _require_asif(self):
@@ -505,7 +551,7 @@ class Service:
             raise ApiError(409, "no_collections", "this server runs a DualEncoder, which has no analogy collection")
 
     def _load(self, name, trusted=False):
-        """Loads and embeds a collection by name (or URI: from the operator, or from clients if allowed)."""
+        """Loads a collection by name (or URI: from the operator, or from clients if allowed)."""
         from keras_clip_it import collections as registry
 
         available = registry.available()
@@ -520,19 +566,25 @@ class Service:
             known = sorted(set(self._registered) | set(available))
             raise ApiError(404, "unknown_collection", f"no collection named {name!r}; available: {known}")
         try:
-            collection = registry.load(name)
+            return registry.load(name)
         except (LookupError, FileNotFoundError, ValueError, OSError) as error:
             raise ApiError(404, "unknown_collection", f"cannot open collection {name!r}: {error}") from None
-        with self._encoder_lock:
-            collection.embed(image_encoder=self.model.image_encoder, text_encoder=self.model.text_encoder)
-        return collection
 
     def _register(self, collection):
-        self._registered[collection.name] = collection
-        return collection
+        """Registers the server's own copy of `collection` (embedded with this model's encoders) under its name.
 
-    def _own_copy(self, collection):
-        """A copy holding this model's embeddings only, which the server may edit and publish."""
+        The copy holds this model's embeddings only, in memory, so the server may edit it in place: the
+        given collection (a caller's object, or a read-only stored one) is never changed, except that
+        embeddings it lacks for this model's encoders are computed once.
+        """
+        model = self.model
+        missing = {
+            f"{kind}_encoder": getattr(model, f"{kind}_encoder")
+            for kind, fingerprint in self.fingerprints.items()
+            if len(collection) and not collection.has_embeddings(kind, fingerprint)
+        }
+        if missing:
+            collection.embed(**missing)
         copy = AnalogyCollection(name=collection.name, language=collection.language)
         if len(collection):
             copy.add(
@@ -542,28 +594,41 @@ class Service:
                 metadata=collection.metadata,
                 embeddings={kind: {fp: collection.embeddings(kind, fp)} for kind, fp in self.fingerprints.items()},
             )
+        self._registered[copy.name] = copy
         return copy
 
     def _publish(self, collection):
-        """Builds an ASIF over `collection` with its indexes ready, then makes it the snapshot (under the lock)."""
-        from keras_clip_it.models.asif import ASIF
+        """Brings the anchor indexes to `collection`'s current state and publishes them (under the lock).
 
+        The indexes of the active collection follow its recorded changes in O(pairs changed); another
+        collection (or one whose changes are no longer recorded) gets new indexes, compiled here by one
+        query so that no client pays for it.
+        """
         model = self.model
-        with self._encoder_lock:  # ASIF.use and ASIF.index read the encoders' fingerprints
-            asif = ASIF(
-                model.image_encoder,
-                model.text_encoder,
+        with collection.lock:  # its state does not change while the indexes catch up
+            indexes = None
+            if len(collection):
+                indexes = {}
+                previous, version = self._indexed
+                for kind, fingerprint in self.fingerprints.items():
+                    old = self.snapshot.indexes[kind] if previous is collection and self.snapshot.indexes else None
+                    index = None if old is None else follow(old, collection, kind, fingerprint, version)
+                    if index is None or index.block != old.block:  # a new layout compiles its scan once
+                        index = index or AnchorIndex(
+                            collection.embeddings(kind, fingerprint), dtype=model.anchor_dtype, mesh=model.mesh
+                        )
+                        index.topk(np.ones((1, index.dim), np.float32), min(model.k, index.size))
+                    indexes[kind] = index
+            self._indexed = (collection, collection.version)
+            self.snapshot = Snapshot(
+                self.snapshot.version + 1,
+                collection.name,
+                len(collection),
+                indexes,
                 k=model.k,
                 p=model.p,
-                collection=collection,
-                anchor_dtype=model.anchor_dtype,
                 unknown_threshold=model.unknown_threshold,
-                mesh=model.mesh,
             )
-            if len(collection):
-                for kind, dim in (("image", self.image_dim), ("text", self.text_dim)):
-                    asif.relative(np.ones((1, dim), np.float32), kind)  # builds (and compiles) the index now
-        self.snapshot = Snapshot(self.snapshot.version + 1, collection.name, collection, asif)
         return {"collection": self.snapshot.info()}
 
 

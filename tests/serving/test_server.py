@@ -46,7 +46,7 @@ def test_classify_with_images_equals_asif_classify(asif_server, client, encoders
     body = client.post("/v1/classify", json=request).json()
     snapshot = service.snapshot
     assert body["collection"] == snapshot.info()
-    reference = kci.ASIF(image_encoder, text_encoder, k=8, p=3.0, collection=snapshot.collection)
+    reference = kci.ASIF(image_encoder, text_encoder, k=8, p=3.0, collection=service.collection)
     expected = reference.classify(images, labels=LABELS, templates="a photo of a {}")
     np.testing.assert_allclose([p["scores"] for p in body["predictions"]], expected.scores, atol=1e-5)
     assert [p["label"] for p in body["predictions"]] == expected.labels
@@ -73,7 +73,7 @@ def test_retrieve_ranks_the_gallery_by_asif_similarity(asif_server, client, enco
             "top_k": 3,
         },
     ).json()
-    reference = kci.ASIF(image_encoder, text_encoder, k=8, p=3.0, collection=service.snapshot.collection)
+    reference = kci.ASIF(image_encoder, text_encoder, k=8, p=3.0, collection=service.collection)
     order, scores = reference.retrieve(
         reference.encode_texts(["cat", "a boat"]), reference.encode_images(images), top_k=3
     )
