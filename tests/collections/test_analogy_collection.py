@@ -136,3 +136,19 @@ def test_small_changes_to_a_large_collection():
     assert sorted(kept) == [i for i in range(n) if i % 20]
     original = rng.__class__(np.random.PCG64(0)).standard_normal((n, dim)).astype("float32")
     np.testing.assert_array_equal(col.embeddings("image", "f"), original[kept])
+
+
+def test_changes_since_reports_current_rows_of_additions():
+    col, _ = _filled(6)
+    version = col.version
+    ids, captions, embeddings = _pairs(3, start=6)
+    col.add(ids, captions=captions, embeddings=embeddings)
+    ids, captions, embeddings = _pairs(2, start=9)
+    col.add(ids, captions=captions, embeddings=embeddings)
+    # No removal since: the rows the additions were appended at.
+    assert [(c, r.tolist()) for c, r in col.changes_since(version)] == [("add", [6, 7, 8]), ("add", [9, 10])]
+    col.remove(["p7", "p1"])  # the last rows move into the holes in order: p9 to row 1, p10 to row 7
+    assert [(c, r.tolist()) for c, r in col.changes_since(version)] == [
+        ("add", [6, -1, 8]), ("add", [1, 7]), ("remove", [1, 7])
+    ]
+    assert col.changes_since(col.version) == []

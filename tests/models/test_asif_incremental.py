@@ -172,3 +172,99 @@ def test_removing_every_pair_then_adding_again():
     want = rebuilt(asif.collection).encode_images(embeddings=queries)
     np.testing.assert_array_equal(got.indices, want.indices)
     np.testing.assert_array_equal(got.values, want.values)
+
+
+def collection_of(name, n, seed):
+    collection = AnalogyCollection(name=name)
+    add(collection, *pairs(n, 0, seed=seed))
+    return collection
+
+
+def test_swapping_between_kept_collections_builds_nothing(builds):
+    rng = np.random.default_rng(14)
+    queries = unit(rng.standard_normal((3, IMAGE_DIM)))
+    first, second = collection_of("first", 300, seed=15), collection_of("second", 400, seed=16)
+    asif = model(collection=first)
+    asif.encode_images(embeddings=queries)
+    assert asif.prepare(second) is second and len(builds) == 3  # first's image index, second's two
+    assert asif.collection is first, "prepare builds ahead, it does not swap"
+    for target in (second, first, second):
+        asif.use(target)
+        got = asif.encode_images(embeddings=queries)
+        want = model(collection=target).encode_images(embeddings=queries)
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.values, want.values)
+    assert len(builds) == 3 + 3, "only the three fresh models above built indexes"
+    # Changes made while a collection is not current are followed when it comes back, not rebuilt.
+    add(first, *pairs(20, 300, seed=17))
+    first.remove(["id7", "id301"])
+    before = len(builds)
+    asif.use(first)
+    got = asif.encode_images(embeddings=queries)
+    assert len(builds) == before
+    np.testing.assert_array_equal(got.values, rebuilt(first).encode_images(embeddings=queries).values)
+
+
+def test_kept_collections_are_bounded_and_the_current_one_stays(builds):
+    queries = unit(np.random.default_rng(18).standard_normal((2, IMAGE_DIM)))
+    first, second, third = (collection_of(name, 200, seed) for name, seed in (("a", 19), ("b", 20), ("c", 21)))
+    asif = model(collection=first, keep_collections=2)
+    asif.encode_images(embeddings=queries)
+    asif.prepare(second)
+    asif.prepare(third)  # over the bound: the oldest that is not current (second) is dropped
+    before = len(builds)
+    asif.use(first)
+    asif.encode_images(embeddings=queries)
+    asif.use(third)
+    asif.encode_images(embeddings=queries)
+    assert len(builds) == before
+    asif.use(second)
+    asif.encode_images(embeddings=queries)
+    assert len(builds) == before + 1
+    with pytest.raises(ValueError, match="keep_collections"):
+        model(keep_collections=0)
+
+
+def test_a_representation_of_another_collection_is_refused():
+    queries = unit(np.random.default_rng(22).standard_normal((2, IMAGE_DIM)))
+    texts = unit(np.random.default_rng(23).standard_normal((2, TEXT_DIM)))
+    first, second = collection_of("first", 100, seed=24), collection_of("second", 100, seed=25)
+    asif = model(collection=first)
+    old = asif.encode_images(embeddings=queries)
+    asif.use(second)  # same version number, other anchors
+    assert old.version == second.version
+    with pytest.raises(ValueError, match="another collection"):
+        asif.similarity(old, asif.encode_texts(embeddings=texts))
+
+
+def test_queries_during_swaps_see_one_collection_or_the_other():
+    rng = np.random.default_rng(26)
+    queries = unit(rng.standard_normal((2, IMAGE_DIM)))
+    first, second = collection_of("first", 500, seed=27), collection_of("second", 700, seed=28)
+    expected = {
+        c.uid: (lambda rep: (rep.indices, rep.values))(model(k=20, collection=c).encode_images(embeddings=queries))
+        for c in (first, second)
+    }
+    asif = model(k=20, collection=first)
+    asif.prepare(second)
+    seen, errors, done = [], [], threading.Event()
+
+    def reader():
+        try:
+            while not done.is_set():
+                seen.append(asif.relative(queries, "image"))
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for step in range(40):
+        asif.use(second if step % 2 == 0 else first)
+    done.set()
+    for thread in threads:
+        thread.join()
+    assert not errors and seen
+    for rep in seen:
+        indices, values = expected[rep.collection]
+        assert np.array_equal(rep.indices, indices) and np.array_equal(rep.values, values), "a mix of two collections"
