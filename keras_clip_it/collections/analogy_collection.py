@@ -155,9 +155,6 @@ class AnalogyCollection:
         """
         ids = _as_ids(ids)
         n = len(ids)
-        if not self._rows.keys().isdisjoint(ids) or len(set(ids)) != n:
-            duplicates = sorted({i for i in ids if i in self._rows} | _repeated(ids))
-            raise ValueError(f"ids already in collection {self.name!r} or repeated: {_preview(duplicates)}")
         captions = _aligned(captions, n, "captions")
         image_refs = _aligned(image_refs, n, "image_refs")
         metadata = [dict(m) if m is not None else {} for m in _aligned(metadata, n, "metadata")]
@@ -179,9 +176,21 @@ class AnalogyCollection:
             if old is not None and old.shape[1] != array.shape[1]:
                 raise ValueError(f"{_keys([key])} embeddings have {old.shape[1]} dims, got {array.shape[1]}")
         start = len(self._ids)
-        for key, array in new.items():
-            self._embeddings[key] = _append_rows(self._embeddings.get(key), start, array)
-        self._rows.update(zip(ids, range(start, start + n)))
+        # Inserting the ids is the duplicate check (one pass over the id table instead of two): a
+        # repeated or known id leaves fewer new keys, and the table is then rebuilt from the rows' ids.
+        rows, before = self._rows, len(self._rows)
+        rows.update(zip(ids, range(start, start + n)))
+        if len(rows) != before + n:
+            self._rows = {i: row for row, i in enumerate(self._ids)}
+            duplicates = sorted({i for i in ids if i in self._rows} | _repeated(ids))
+            raise ValueError(f"ids already in collection {self.name!r} or repeated: {_preview(duplicates)}")
+        try:
+            for key, array in new.items():
+                self._embeddings[key] = _append_rows(self._embeddings.get(key), start, array)
+        except BaseException:  # e.g. out of memory while growing: the collection stays as it was
+            for i in ids:
+                del rows[i]
+            raise
         self._ids.extend(ids)
         self._captions.extend(captions)
         self._image_refs.extend(image_refs)

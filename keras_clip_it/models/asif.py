@@ -692,7 +692,10 @@ def _normalize(embeddings):
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be (n, D), got shape {embeddings.shape}")
-    return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    norms = np.sqrt(np.einsum("ij,ij->i", embeddings, embeddings))
+    if norms.size and float(np.abs(norms - 1.0).max()) <= 1e-6:
+        return embeddings  # unit rows already (what the encoders return): no copy
+    return embeddings / np.maximum(norms, 1e-12)[:, None]
 
 
 def _as_labels(labels):

@@ -54,6 +54,12 @@ def test_duplicate_and_unknown_ids_are_named():
     with pytest.raises(KeyError, match="'nope'"):
         col.remove(["p0", "nope"])
     assert len(col) == 3 and col.version == 1
+    # Nothing lost: every id still finds its row, and the refused ids can be added after all.
+    assert col.rows(["p0", "p1", "p2"]).tolist() == [0, 1, 2]
+    with pytest.raises(KeyError, match="'p3'"):
+        col.rows(["p3"])
+    col.add(["p3", "x"], embeddings=_pairs(2, start=60)[2])
+    assert col.rows(["x", "p2"]).tolist() == [4, 2]
 
 
 def test_missing_fingerprint_error_names_encoders():
