@@ -205,6 +205,14 @@ class ASIF(keras.Model):
 
         Returns:
             The `AnalogyCollection` (pass it to `use`).
+
+        Example:
+        >>> import keras_clip_it as kci
+        >>> img = kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
+        >>> txt = kci.TextEncoder.from_preset("multilingual_e5_small")
+        >>> asif = kci.ASIF(img, txt, collection="emoji-it", k=10, p=16)
+        >>> english = asif.prepare("emoji-en")  # embedded and indexed now, while emoji-it serves
+        >>> asif.use(english)  # O(1): the next query costs a steady query
         """
         current = self._current
         derived = self._derived(collection, keep=None if current is None else current.collection)
