@@ -52,8 +52,17 @@ def test_compressed_storage_sizes_and_error():
     sizes = {dtype: AnchorIndex(anchors, dtype=dtype).nbytes for dtype in ("float32", "float16", "int8")}
     assert sizes["float16"] == sizes["float32"] // 2
     assert sizes["int8"] == 1000 * (256 + 4)
-    error = np.abs(dequantised(AnchorIndex(anchors, dtype="int8")) - anchors).max(axis=1)
-    assert np.all(error <= np.abs(anchors).max(axis=1) / 254 + 1e-7)
+    index = AnchorIndex(anchors, dtype="int8")
+    error = dequantised(index) - anchors
+    # Codes on the max-abs grid; the scale is the least-squares one for them: the error is orthogonal to
+    # the stored vector and never larger than with the grid step as the scale.
+    codes = index.stored.astype(np.float32)
+    np.testing.assert_array_equal(codes, np.rint(anchors / (np.abs(anchors).max(axis=1, keepdims=True) / 127)))
+    cosine = np.einsum("ij,ij->i", error, codes) / np.linalg.norm(error, axis=1) / np.linalg.norm(codes, axis=1)
+    assert np.abs(cosine).max() < 1e-3
+    grid_error = codes * (np.abs(anchors).max(axis=1, keepdims=True) / 127) - anchors
+    assert np.all((error**2).sum(axis=1) <= (grid_error**2).sum(axis=1) + 1e-9)
+    assert np.all(np.abs(error).max(axis=1) <= 2 * np.abs(anchors).max(axis=1) / 254)
 
 
 def test_uncertified_queries_fall_back_to_the_exact_path(monkeypatch):
