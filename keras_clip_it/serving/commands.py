@@ -4,6 +4,13 @@ Without --model it serves the offline default ASIF: EfficientNet-Lite0 for image
 multilingual-e5-small (--lang it) or all-MiniLM-L6-v2 (--lang en) for text, over the emoji collection
 of that language. A registered collection is embedded once per pair of encoders and kept under the
 cache folder, so later starts load its embeddings instead of recomputing them.
+
+The server runs on TensorFlow unless told otherwise (--backend): on CPU, EfficientNet-Lite0 runs several
+times faster there than on XLA:CPU, and a server only predicts (benchmarks/results/serve.md measures both
+side by side). Keras fixes its backend when first imported, so `serve` restarts itself with
+KERAS_BACKEND set when the running one differs. NumPy's BLAS runs on one thread: the server's parallelism
+is across requests, and BLAS threads spinning against the encoder's threads on a small machine made the
+ASIF search ~7x slower (1.9k anchors: 5.5 ms against 0.75 ms per query under load).
 """
 
 import os
@@ -11,6 +18,9 @@ import shutil
 import sys
 
 TEXT_PRESETS = {"it": "multilingual_e5_small", "en": "all_minilm_l6_v2"}
+BACKENDS = ("tensorflow", "jax")
+# The fastest backend for CPU inference in benchmarks/results/serve.md.
+DEFAULT_BACKEND = "tensorflow"
 
 
 def register(subparsers):
@@ -38,9 +48,16 @@ def register(subparsers):
     parser.add_argument("--max-batch", type=int, default=64, help="images, texts or embeddings per request")
     parser.add_argument("--max-image-pixels", type=int, default=16_000_000, help="largest width x height of an image")
     parser.add_argument(
-        "--encoder-batch", type=int, default=32, help="most images one encoder call gathers from concurrent requests"
+        "--encoder-batch", type=int, default=4, help="most images one encoder call gathers from concurrent requests"
     )
+    parser.add_argument("--encoder-workers", type=int, default=1, help="encoder calls that may run at once")
     parser.add_argument("--warm-up", action="store_true", help="compile every image batch size before serving")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=DEFAULT_BACKEND,
+        help=f"Keras backend the encoders run on (default: {DEFAULT_BACKEND}, the fastest measured on CPU)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -71,6 +88,10 @@ def build_model(args):
         names = names or [f"emoji-{args.lang}"]
     if not isinstance(model, kci.ASIF):
         return model, []
+    for encoder in (model.image_encoder, model.text_encoder):
+        # A server never trains: frozen encoders keep their fingerprint cached on every backend (on
+        # TensorFlow a trainable multilingual-e5-small rehashes its weights for 3.4 s on every read).
+        encoder.trainable = False
     collections = [embedded_collection(name, model.image_encoder, model.text_encoder) for name in names]
     if collections:
         model.use(collections[0])
@@ -121,9 +142,38 @@ def embedded_collection(name, image_encoder, text_encoder, chunk=256):
     return collection
 
 
-def run(args):
-    import uvicorn
+def use_backend(backend):
+    """Makes sure Keras runs on `backend`, restarting this command with KERAS_BACKEND set if it does not.
 
+    Keras picks its backend once, when first imported (the CLI imports it before parsing), so switching
+    means starting again. Only a command started from a shell (`keras-clip-it serve ...` or
+    `python -m keras_clip_it.cli serve ...`) can be restarted; otherwise a ValueError says what to set.
+    """
+    import keras
+
+    if keras.backend.backend() == backend:
+        return
+    if "serve" not in sys.argv[1:]:
+        raise ValueError(
+            f"Keras already runs on {keras.backend.backend()}: set KERAS_BACKEND={backend} before importing "
+            f"keras, or pass --backend {keras.backend.backend()}"
+        )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    command = [sys.executable, "-m", "keras_clip_it.cli", *sys.argv[1:]]
+    os.execve(sys.executable, command, dict(os.environ, KERAS_BACKEND=backend))
+
+
+def run(args):
+    try:
+        use_backend(args.backend)
+    except ValueError as error:
+        print(f"keras-clip-it serve: error: {error}", file=sys.stderr)
+        return 1
+    import uvicorn
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
     from keras_clip_it.serving.server import Limits
     from keras_clip_it.serving.server import create_app
 
@@ -139,6 +189,7 @@ def run(args):
         limits=limits,
         allow_uris=args.allow_uris,
         encoder_batch=args.encoder_batch,
+        encoder_workers=args.encoder_workers,
         warm_up=args.warm_up,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

@@ -150,18 +150,24 @@ class Snapshot:
 class _Batcher:
     """Runs `function(items) -> rows` for concurrent callers, batching whatever is waiting together.
 
-    One worker thread takes the first waiting job and every other job already queued (up to
-    `max_items`), runs them as one call and hands each caller its rows. There is no timer: a single
-    client is never delayed, and under load the next batch fills while the current one runs.
+    Each of `workers` threads takes the first waiting job and the jobs queued behind it while they fit
+    in `max_items` (a single job larger than that runs alone), runs them as one call and hands each caller its rows. There is no timer: a single
+    client is never delayed, and under load the next batch fills while the current one runs. With two
+    workers, two batches run at once, which fills the cores that one call leaves idle (small
+    convolutions do not split over threads); the encoder orders the calls itself where its backend
+    needs it.
     """
 
-    def __init__(self, function, max_items):
+    def __init__(self, function, max_items, workers=1):
         self._function = function
         self.max_items = int(max_items)
         if self.max_items < 1:
             raise ValueError(f"encoder_batch must be a positive integer, got {max_items}")
+        self.workers = int(workers)
+        if self.workers < 1:
+            raise ValueError(f"encoder_workers must be a positive integer, got {workers}")
         self._jobs = queue.Queue()
-        self._thread = None
+        self._threads = []
         self._start_lock = threading.Lock()
 
     def __call__(self, items):
@@ -174,20 +180,24 @@ class _Batcher:
 
     def _start(self):
         with self._start_lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="kci-batcher", daemon=True)
-                self._thread.start()
+            while len(self._threads) < self.workers:
+                thread = threading.Thread(target=self._run, name="kci-batcher", daemon=True)
+                thread.start()
+                self._threads.append(thread)
 
     def stop(self):
         with self._start_lock:
-            if self._thread is not None:
+            for _ in self._threads:
                 self._jobs.put(None)
-                self._thread.join()
-                self._thread = None
+            for thread in self._threads:
+                thread.join()
+            self._threads = []
 
     def _run(self):
+        carried = None  # a job that did not fit in the previous batch: it starts the next one
         while True:
-            job = self._jobs.get()
+            job = carried if carried is not None else self._jobs.get()
+            carried = None
             if job is None:
                 return
             jobs, count = [job], len(job[0])
@@ -198,6 +208,9 @@ class _Batcher:
                     break
                 if job is None:
                     self._jobs.put(None)  # stop after this batch
+                    break
+                if count + len(job[0]) > self.max_items:
+                    carried = job  # a batch larger than max_items would run a shape never warmed up
                     break
                 jobs.append(job)
                 count += len(job[0])
@@ -237,9 +250,10 @@ class Service:
         allow_uris: whether clients may activate collections by URI or path (off: only names).
         encoder_batch: most images or texts one encoder call takes from concurrent requests (1: no
             micro-batching).
+        encoder_workers: encoder calls that may run at once per encoder.
     """
 
-    def __init__(self, model, collections=(), limits=None, allow_uris=False, encoder_batch=32):
+    def __init__(self, model, collections=(), limits=None, allow_uris=False, encoder_batch=4, encoder_workers=1):
         self.limits = limits or Limits()
         self.allow_uris = bool(allow_uris)
         self.is_asif = hasattr(model, "relative") and hasattr(model, "text_encoder")
@@ -259,8 +273,8 @@ class Service:
             # every read (seconds for multilingual-e5-small), and changes must cost O(pairs changed).
             self.fingerprints = {"image": model.image_encoder.fingerprint, "text": model.text_encoder.fingerprint}
             # Each encoder orders its own predictions, so the two workers need no common lock.
-            self._embed_images = _Batcher(model.image_encoder.embed, encoder_batch)
-            self._embed_texts = _Batcher(model.text_encoder.embed, encoder_batch)
+            self._embed_images = _Batcher(model.image_encoder.embed, encoder_batch, encoder_workers)
+            self._embed_texts = _Batcher(model.text_encoder.embed, encoder_batch, encoder_workers)
             for collection in collections or ():
                 self._register(self._load(collection, trusted=True) if isinstance(collection, str) else collection)
             self.snapshot = Snapshot(0, None)
@@ -378,14 +392,35 @@ class Service:
         """The cache entry of a label set: {"embeddings": unit (C, D), "relative": (version, representation)}.
 
         Label embeddings (templates averaged) never depend on a collection and are kept across versions;
-        their relative representation is kept for the last snapshot version it was computed on.
+        their relative representation is kept for the last snapshot version it was computed on. Requests
+        that bring the same new label set at once wait for one embedding instead of each running it.
         """
         key = (tuple(labels), templates if not isinstance(templates, list) else tuple(templates))
         with self._label_lock:
             cached = self._labels.get(key)
             if cached is not None:
                 self._labels.move_to_end(key)
-                return cached
+            else:
+                self._labels[key] = pending = Future()
+                while len(self._labels) > _LABEL_CACHE_SIZE:
+                    self._labels.popitem(last=False)
+        if cached is not None:
+            return cached.result() if isinstance(cached, Future) else cached
+        try:
+            entry = {"embeddings": self._embed_labels(labels, templates), "relative": None}
+        except BaseException as error:
+            with self._label_lock:
+                if self._labels.get(key) is pending:
+                    del self._labels[key]
+            pending.set_exception(error)
+            raise
+        with self._label_lock:
+            if self._labels.get(key) is pending:
+                self._labels[key] = entry
+        pending.set_result(entry)
+        return entry
+
+    def _embed_labels(self, labels, templates):
         try:
             captions = [fill(templates, label) for label in labels]
         except (ValueError, TypeError, IndexError, KeyError) as error:
@@ -399,12 +434,7 @@ class Service:
                 f"the limit of {self.limits.captions}: use fewer labels or a shorter template set (e.g. 'it-short')",
             )
         flat = self._embed_texts([caption for group in captions for caption in group])
-        entry = {"embeddings": l2_normalize(flat.reshape(len(labels), per_label, -1).mean(axis=1)), "relative": None}
-        with self._label_lock:
-            self._labels[key] = entry
-            while len(self._labels) > _LABEL_CACHE_SIZE:
-                self._labels.popitem(last=False)
-        return entry
+        return l2_normalize(flat.reshape(len(labels), per_label, -1).mean(axis=1))
 
     @staticmethod
     def _class_relative(snapshot, entry):
@@ -858,7 +888,9 @@ class _BodyGuard:
         return await self.app(scope, replay, send)
 
 
-def create_app(model, collections=(), limits=None, allow_uris=False, encoder_batch=32, warm_up=False):
+def create_app(
+    model, collections=(), limits=None, allow_uris=False, encoder_batch=4, encoder_workers=1, warm_up=False
+):
     """A FastAPI application serving `model` over HTTP: /v1/embed, /v1/classify, /v1/retrieve, /v1/collections.
 
     Every answer names the collection version it was computed on; collection changes (activate, add,
@@ -874,7 +906,9 @@ def create_app(model, collections=(), limits=None, allow_uris=False, encoder_bat
         allow_uris: bool; when True, clients may activate collections stored at URIs or paths on the
             server's file systems (keep it off for servers reachable by untrusted clients).
         encoder_batch: int, most images (or texts) one encoder call gathers from concurrent requests;
-            1 turns micro-batching off.
+            1 turns micro-batching off. Larger batches cost more per image once their activations outgrow
+            the CPU's caches (EfficientNet-Lite0 at batch 8 on a 2 MiB L2: benchmarks/results/serve.md).
+        encoder_workers: int, encoder calls that may run at once (each a batch).
         warm_up: bool; compile the image tower for every batch size before serving (slower start, no
             compilation pauses later).
 
@@ -889,7 +923,14 @@ def create_app(model, collections=(), limits=None, allow_uris=False, encoder_bat
     >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
     """
     limits = limits or Limits()
-    service = Service(model, collections=collections, limits=limits, allow_uris=allow_uris, encoder_batch=encoder_batch)
+    service = Service(
+        model,
+        collections=collections,
+        limits=limits,
+        allow_uris=allow_uris,
+        encoder_batch=encoder_batch,
+        encoder_workers=encoder_workers,
+    )
     if warm_up:
         service.warm_up()
     s = _schemas(limits)
