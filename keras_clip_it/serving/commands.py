@@ -88,10 +88,6 @@ def build_model(args):
         names = names or [f"emoji-{args.lang}"]
     if not isinstance(model, kci.ASIF):
         return model, []
-    for encoder in (model.image_encoder, model.text_encoder):
-        # A server never trains: frozen encoders keep their fingerprint cached on every backend (on
-        # TensorFlow a trainable multilingual-e5-small rehashes its weights for 3.4 s on every read).
-        encoder.trainable = False
     collections = [embedded_collection(name, model.image_encoder, model.text_encoder) for name in names]
     if collections:
         model.use(collections[0])
