@@ -228,6 +228,7 @@ def main():
         results["load_average_at_start"] = round(os.getloadavg()[0], 1)
     steps = results["steps"]
     if args.index_only:
+        del results["sections"]
         try:
             index_only(n, dims, args.repeats, work, results)
         finally:
