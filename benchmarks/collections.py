@@ -3,12 +3,13 @@
 Random unit embeddings stand for precomputed pairs (the encoders are not run: only their fingerprints and
 dims matter here), stored as .npy files as an embedding job would leave them. All in one run:
 
-  rebuild       from scratch: a new AnalogyCollection from the 1M precomputed pairs, ASIF over it, and the
-                first query answered (the anchor index is built lazily on it). The reference for every ratio.
-  query         a query against the current collection (its anchor index up to date): what a user waits for
-                when nothing changed, the yardstick for the first query after a change.
-  add / remove  asif.add / asif.remove of 10k precomputed pairs in the 1M-anchor collection (the anchor index
-                follows the change in the same call), then the first query after the change.
+  rebuild       from scratch: a new AnalogyCollection from the 1M precomputed pairs, ASIF over it, and a first
+                image query and a first text query answered (each builds its anchor index lazily), as a model
+                that classifies needs. The reference for every ratio.
+  query         an image query against the current collection (its anchor index up to date): what a user
+                waits for when nothing changed, the yardstick for the first query after a change.
+  add / remove  asif.add / asif.remove of 10k precomputed pairs in the 1M-anchor collection (the image and the
+                text anchor index both follow the change in the same call), then the first query after it.
   swap          two 1M-anchor collections opened from disk (memory-mapped): asif.prepare(other) builds its
                 anchor indexes ahead (as a server preloading collections does), then asif.use swaps between
                 the two kept collections, with the first query after each swap; for reference, a swap to a
@@ -24,7 +25,7 @@ benchmarks/results/collections_{anchors}_{dims}.json and .md.
     python benchmarks/collections.py --dims 1280      # image side at EfficientNet-Lite0's 1280 dims
     python benchmarks/collections.py --anchors 100000 # a quick run
     python benchmarks/collections.py --index-only     # the image-side anchor index alone (about 3 GB less)
-    python benchmarks/collections.py --skip durable,swap  # in-memory changes only (peak ~6 GB at 1M)
+    python benchmarks/collections.py --skip durable,swap  # in-memory changes only (peak ~12 GB at 1M)
 
 The results file is written after each section, so a run stopped later (out of memory) keeps what it measured.
 
@@ -250,7 +251,7 @@ def main():
             "bench-b", "b", random_unit_file(f"{work}/b_image.npy", n, dims, 3),
             random_unit_file(f"{work}/b_text.npy", n, TEXT_DIMS, 4), *fps,
         )
-        query = random_unit(1, dims, 5)
+        query, text_query = random_unit(1, dims, 5), random_unit(1, TEXT_DIMS, 8)
         extra = {
             "ids": [f"new{i}" for i in range(CHANGE)],
             "captions": [f"nuova {i}" for i in range(CHANGE)],
@@ -268,6 +269,7 @@ def main():
             )
             asif = ASIF(image_encoder, text_encoder, collection=collection)
             first_query(asif, query)
+            asif.encode_texts(embeddings=text_query)
         record("rebuild", peak)
         rebuild = peak.seconds
         queries = []
@@ -450,11 +452,11 @@ def write(results, name):
 
 
 DESCRIPTIONS = {
-    "rebuild": "rebuild from scratch: collection from precomputed pairs + ASIF + first query",
-    "query": "a query, anchor index up to date (steady state)",
-    "asif_add": "asif.add 10k precomputed pairs (anchor index follows)",
+    "rebuild": "rebuild from scratch: collection from precomputed pairs + ASIF + first image and text queries",
+    "query": "an image query, anchor index up to date (steady state)",
+    "asif_add": "asif.add 10k precomputed pairs (image and text anchor indexes follow)",
     "asif_add_then_query": "first query after the add",
-    "asif_remove": "asif.remove 10k pairs (anchor index follows)",
+    "asif_remove": "asif.remove 10k pairs (image and text anchor indexes follow)",
     "asif_remove_then_query": "first query after the remove",
     "save_whole": "storage.save_collection of the whole collection (durable rebuild)",
     "stored_append": "storage.append 10k pairs (new segment + manifest, fsynced)",
