@@ -23,8 +23,9 @@ the images it was picked on.
 
     python recipes/asif_fashion.py                          # 1k, 10k and 60k anchors, 64 x 64 images
     python recipes/asif_fashion.py --anchors 1000 10000 20000 --image-size 224
+    python recipes/asif_fashion.py --anchors 1000 10000 20000 60000 --setting 10 16 --output asif_fashion_small_k
 
-Results are printed as markdown and written to benchmarks/results/asif_fashion.json and .md.
+Results are printed as markdown and written to benchmarks/results/asif_fashion.json and .md (`--output`).
 """
 
 import argparse
@@ -134,6 +135,9 @@ def main():
     parser.add_argument("--anchors", type=int, nargs="+", default=[1000, 10000, 60000])
     parser.add_argument("--lang", nargs="+", default=["en", "it"], choices=sorted(TEXT_PRESETS))
     parser.add_argument("--image-size", type=int, default=64, help="side the images are resized to")
+    parser.add_argument("--setting", nargs=2, type=float, action="append", metavar=("K", "P"),
+                        help="run this k, p instead of the model's defaults (repeatable)")
+    parser.add_argument("--output", default="asif_fashion", help="name of the results files")
     args = parser.parse_args()
     image_encoder = kci.ImageEncoder.from_preset(
         "efficientnet_lite0_imagenet", image_size=(args.image_size, args.image_size), crop_pct=1.0
@@ -150,6 +154,8 @@ def main():
     settings = [("default", defaults["k"].default, float(defaults["p"].default)), ("paper", 800, 8.0)]
     if settings[0][1:] == settings[1][1:]:
         settings = [("default = paper", 800, 8.0)]
+    if args.setting:
+        settings = [("--setting", int(k), p) for k, p in args.setting]
     results = {"image_size": args.image_size, "embedding_rate_images_per_s": rate, "target_error": TARGET_ERROR,
                "label_templates": LABEL_TEMPLATES, "runs": []}
     text_encoders, captions = {}, {}
@@ -176,15 +182,15 @@ def main():
                 row["seconds"] = time.perf_counter() - start
                 results["runs"].append(row)
                 print(json.dumps(row), flush=True)
-                write(results)
+                write(results, args.output)
     print(markdown(results))
 
 
-def write(results):
+def write(results, name):
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "asif_fashion.json"), "w") as f:
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump(results, f, indent=1)
-    with open(os.path.join(RESULTS, "asif_fashion.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
         f.write(markdown(results))
 
 
