@@ -12,14 +12,15 @@ lukemelas/EfficientNet-PyTorch). Three details of that source fix the Keras conf
 - Inputs are normalised as (pixels - 127) / 128 ("inception-style", chosen by Google for quantisation) and
   evaluated on a centre crop of 224/256 of the shorter side, resized bicubically to 224.
 
-On JAX on CPU, `EfficientNetLiteBackbone` runs inference through convolutions rewritten as XLA:CPU
-compiles them well (see its docstring): about 1.7x faster than XLA's own depthwise convolution, with the
-same weights and results to float32 rounding.
+On JAX on CPU, `EfficientNetLiteBackbone` runs inference with its batch norms folded into the convolutions
+and the convolutions rewritten as XLA:CPU compiles them well (see its docstring): same weights, results equal
+to keras-hub's graph to float32 rounding, and faster than the torch reference (benchmarks/encoders.py).
 
 The converted weights are cached as Keras weights under `presets.cache_dir()`; the cache is checked
 (checksum, source file, conversion version) on every load and rebuilt from the `.pth` when it does not match.
 """
 
+import collections
 import functools
 import hashlib
 import json
@@ -31,6 +32,7 @@ import keras
 import keras_hub
 import numpy as np
 from keras import ops
+from keras_hub.src.models.efficientnet.fusedmbconv import FusedMBConvBlock
 from keras_hub.src.models.efficientnet.mbconv import MBConvBlock
 
 from keras_clip_it.encoders import presets
@@ -74,23 +76,52 @@ LITE_STD = (128.0 / 255.0,) * 3
 
 @keras.saving.register_keras_serializable(package="keras_clip_it")
 class EfficientNetLiteBackbone(keras_hub.models.EfficientNetBackbone):
-    """keras-hub's `EfficientNetBackbone`, whose inference on JAX/CPU avoids XLA:CPU's slow convolutions.
+    """keras-hub's `EfficientNetBackbone`, with an inference path that XLA:CPU compiles well.
 
-    XLA:CPU lowers a depthwise convolution (`feature_group_count` = channels) to a generic loop several
-    times slower than torch's kernel, which made the JAX encoder ~3x slower than the torch reference. Written
-    as k*k shifted multiply-adds, the same depthwise convolution fuses with its batch norm and ReLU6 into one
-    vectorised loop; a full convolution (the stem) becomes patches times a matrix. Same layers, same
-    variables, same config: only the arithmetic of inference on JAX/CPU changes (training, other backends
-    and accelerators run keras-hub's graph unchanged). Tests hold both paths to the torch reference.
+    On JAX on CPU, keras-hub's graph runs at a fraction of torch's speed: XLA:CPU lowers a depthwise
+    convolution (`feature_group_count` = channels) to a generic loop about 7x slower than k*k shifted
+    multiply-adds, every batch norm is one more pass over memory, and a batch of 32 feature maps no
+    longer fits in cache. So inference there (`training` false) runs the same graph with each batch norm
+    folded into the convolution before it (kernel times gamma / sqrt(variance + epsilon), plus a bias),
+    depthwise convolutions as shifted multiply-adds fused with their ReLU6, 1x1 convolutions and the stem
+    as matrix products, one image at a time in a compiled loop. Same layers, same variables, same config;
+    training, other backends and accelerators run keras-hub's graph unchanged, and tests hold both paths
+    to a torch forward of the same weights. benchmarks/encoders.py measures the result against torch.
 
     Args:
         **kwargs: the arguments of `keras_hub.models.EfficientNetBackbone`.
+
+    Example:
+    >>> backbone = EfficientNetLiteBackbone(**LITE0_BACKBONE_CONFIG)
+    >>> backbone.predict_on_batch(np.zeros((2, 224, 224, 3), np.float32)).shape
+    (2, 7, 7, 1280)
     """
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # keras-hub's (Fused)MBConvBlock creates its squeeze-excite convolutions even when it has no
+        # squeeze-excite and never builds them. While any layer is unbuilt, Keras on JAX runs the whole model
+        # eagerly, op by op, before every `predict_on_batch` (to build it): ~1 s per batch, 10x the compiled
+        # network. The unused layers hold no weights, so they are dropped.
+        for block in self._flatten_layers():
+            if isinstance(block, (MBConvBlock, FusedMBConvBlock)) and not _has_squeeze_excite(block):
+                for name in ("se_conv1", "se_conv2"):
+                    block._tracker.untrack(getattr(block, name))
+                    delattr(block, name)
+
     def call(self, inputs, training=None, mask=None):
-        if training or not _jax_on_cpu():
+        if training or not _jax_on_cpu() or self.data_format != "channels_last":
             return super().call(inputs, training=training, mask=mask)
-        return self._run_through_graph(inputs, operation_fn=_cpu_operation)
+        convolutions = _FoldedConvolutions(self)
+        operation_fn = functools.partial(_cpu_operation, convolutions)
+
+        def network(images):
+            return self._run_through_graph(images, operation_fn=operation_fn)
+
+        if inputs.shape[0] == 1:
+            return network(inputs)
+        # One image at a time: its feature maps stay in cache (a batch of 32 runs ~2x slower per image).
+        return ops.map(lambda image: network(image[None])[0], inputs)
 
 
 def _jax_on_cpu():
@@ -101,54 +132,133 @@ def _jax_on_cpu():
     return jax.default_backend() == "cpu"
 
 
-def _cpu_operation(operation):
-    """The CPU-friendly implementation of one node of the backbone's graph (the layer itself by default)."""
-    if isinstance(operation, MBConvBlock) and not 0 < operation.se_ratio <= 1:
-        return functools.partial(_mbconv, operation)
+def _has_squeeze_excite(block):
+    return 0 < block.se_ratio <= 1
+
+
+class _FoldedConvolutions:
+    """The convolutions of a backbone at inference, each with the batch norm that follows it folded in.
+
+    A convolution whose output goes only to a batch norm (over channels, the last axis) computes
+    `bn(conv(x))` as one convolution with kernel `k * s` and bias `(b - mean) * s + beta`, where
+    `s = gamma / sqrt(variance + epsilon)`; that batch norm then passes its input through. The folded
+    weights are computed from the variables once per call (so training and reloading change them).
+    """
+
+    def __init__(self, backbone):
+        self.weights = {}  # id(convolution) -> (kernel, bias)
+        self.folded_batch_norms = set()
+        for convolution, batch_norm in _convolution_batch_norm_pairs(backbone):
+            self.weights[id(convolution)] = _fold(convolution, batch_norm)
+            self.folded_batch_norms.add(id(batch_norm))
+
+    def __call__(self, layer, x):
+        """`layer(x)` (followed by its batch norm, when folded), written as XLA:CPU compiles well."""
+        kernel, bias = self.weights.get(id(layer), (layer.kernel, layer.bias if layer.use_bias else None))
+        return _convolution(layer, kernel, bias, x)
+
+
+def _convolution_batch_norm_pairs(backbone):
+    """(convolution, batch norm) pairs of the graph and of its MBConv blocks where the fold is exact."""
+    consumers = collections.Counter(id(tensor) for tensor in backbone.outputs)
+    nodes = [node for depth in backbone._nodes_by_depth.values() for node in depth]
+    for node in nodes:
+        consumers.update(id(tensor) for tensor in node.input_tensors)
+    pairs = []
+    for node in nodes:
+        if isinstance(node.operation, keras.layers.BatchNormalization) and len(node.input_tensors) == 1:
+            tensor = node.input_tensors[0]
+            if consumers[id(tensor)] == 1:
+                pairs.append((tensor._keras_history.operation, node.operation))
+        elif isinstance(node.operation, MBConvBlock) and not _has_squeeze_excite(node.operation):
+            block = node.operation
+            if block.expand_ratio != 1:
+                pairs.append((block.conv1, block.bn1))
+            pairs += [(block.depthwise, block.bn2), (block.output_conv, block.bn3)]
+    return [(convolution, batch_norm) for convolution, batch_norm in pairs if _foldable(convolution, batch_norm)]
+
+
+def _foldable(convolution, batch_norm):
+    return (
+        isinstance(convolution, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))
+        and convolution.activation is keras.activations.linear
+        and batch_norm.axis in (-1, 3)  # channels of NHWC feature maps
+    )
+
+
+def _fold(convolution, batch_norm):
+    # The arithmetic of keras' batch_normalization: inv = rsqrt(variance + epsilon) * gamma.
+    scale = ops.rsqrt(batch_norm.moving_variance + batch_norm.epsilon)
+    if batch_norm.scale:
+        scale = scale * batch_norm.gamma
+    bias = -batch_norm.moving_mean * scale
+    if convolution.use_bias:
+        bias = bias + convolution.bias * scale
+    if batch_norm.center:
+        bias = bias + batch_norm.beta
+    kernel = convolution.kernel
+    # Output channel c of a depthwise kernel (kh, kw, C, m) is (c // m, c % m): the same flat order.
+    kernel = kernel * ops.reshape(scale, kernel.shape[2:] if isinstance(convolution, keras.layers.DepthwiseConv2D) else (-1,))
+    return kernel, bias
+
+
+def _cpu_operation(convolutions, operation):
+    """The inference implementation of one node of the backbone's graph (the layer itself by default)."""
+    if id(operation) in convolutions.folded_batch_norms:
+        return lambda x, **kwargs: x
+    if isinstance(operation, MBConvBlock) and not _has_squeeze_excite(operation):
+        return functools.partial(_mbconv, operation, convolutions)
     if isinstance(operation, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
-        return functools.partial(_convolution, operation)
+        return functools.partial(convolutions, operation)
     return operation
 
 
-def _mbconv(block, inputs):
-    # MBConvBlock.call at inference (dropout is the identity), with its convolutions through `_convolution`.
+def _mbconv(block, convolutions, inputs):
+    # MBConvBlock.call at inference (dropout is the identity), each batch norm folded into its convolution.
     x = inputs
     if block.expand_ratio != 1:
-        x = block.act(block.bn1(_convolution(block.conv1, x)))
-    x = block.act(block.bn2(_convolution(block.depthwise, x)))
-    x = block.bn3(_convolution(block.output_conv, block.output_conv_pad(x)))
+        x = block.act(convolutions(block.conv1, x))
+    x = block.act(convolutions(block.depthwise, x))
+    x = convolutions(block.output_conv, block.output_conv_pad(x))
     if block.strides == 1 and block.input_filters == block.output_filters and not block.nores:
         x = x + inputs
     return x
 
 
-def _convolution(layer, x):
+def _convolution(layer, kernel, bias, x):
+    """`layer`'s convolution of `x` with `kernel` and `bias`, then its activation."""
     (kernel_h, kernel_w), (stride_h, stride_w) = layer.kernel_size, layer.strides
-    plain = tuple(layer.dilation_rate) == (1, 1) and None not in x.shape[1:3]
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        if not plain or layer.depth_multiplier != 1:
-            return layer(x)
-    elif not plain or layer.groups != 1 or (kernel_h, kernel_w) == (1, 1):
-        return layer(x)  # XLA already turns 1x1 convolutions into matrix products
-    if layer.padding == "same":
-        (top, bottom), (left, right) = _same_padding(x.shape[1], kernel_h, stride_h), _same_padding(x.shape[2], kernel_w, stride_w)
-        x = ops.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
-    height = (x.shape[1] - kernel_h) // stride_h + 1
-    width = (x.shape[2] - kernel_w) // stride_w + 1
-    shifted = [
-        x[:, i : i + stride_h * (height - 1) + 1 : stride_h, j : j + stride_w * (width - 1) + 1 : stride_w, :]
-        for i in range(kernel_h)
-        for j in range(kernel_w)
-    ]
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        kernel = ops.reshape(layer.kernel, (kernel_h * kernel_w, -1))
-        y = shifted[0] * kernel[0]
-        for index in range(1, len(shifted)):
-            y = y + shifted[index] * kernel[index]
+    depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+    plain = (
+        tuple(layer.dilation_rate) == (1, 1)
+        and None not in x.shape[1:3]
+        and (layer.depth_multiplier == 1 if depthwise else layer.groups == 1)
+    )
+    if not plain:
+        convolve = ops.depthwise_conv if depthwise else ops.conv
+        y = convolve(x, kernel, layer.strides, layer.padding, dilation_rate=layer.dilation_rate)
     else:
-        y = ops.matmul(ops.concatenate(shifted, axis=-1), ops.reshape(layer.kernel, (-1, layer.filters)))
-    if layer.use_bias:
-        y = y + layer.bias
+        if layer.padding == "same":
+            (top, bottom) = _same_padding(x.shape[1], kernel_h, stride_h)
+            (left, right) = _same_padding(x.shape[2], kernel_w, stride_w)
+            x = ops.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+        height = (x.shape[1] - kernel_h) // stride_h + 1
+        width = (x.shape[2] - kernel_w) // stride_w + 1
+        shifted = [
+            x[:, i : i + stride_h * (height - 1) + 1 : stride_h, j : j + stride_w * (width - 1) + 1 : stride_w, :]
+            for i in range(kernel_h)
+            for j in range(kernel_w)
+        ]
+        if depthwise:
+            kernel = ops.reshape(kernel, (kernel_h * kernel_w, -1))
+            y = shifted[0] * kernel[0]
+            for index in range(1, len(shifted)):
+                y = y + shifted[index] * kernel[index]
+        else:
+            patches = shifted[0] if len(shifted) == 1 else ops.concatenate(shifted, axis=-1)
+            y = ops.matmul(patches, ops.reshape(kernel, (-1, layer.filters)))
+    if bias is not None:
+        y = y + bias
     return layer.activation(y)
 
 

@@ -10,6 +10,8 @@ import math
 import os
 import shutil
 
+import jax
+import keras
 import keras_hub
 import numpy as np
 import pytest
@@ -155,12 +157,13 @@ def test_same_padding_matches_on_odd_sizes(encoder, reference):
     pixels = np.random.RandomState(1).randint(0, 256, (1, 225, 191, 3)).astype(np.uint8)
     want_features, _ = torch_forward(reference, pixels)
     images = (pixels.astype(np.float32) - 127.0) / 128.0
-    # The backbone's own inference path (rewritten convolutions on JAX/CPU) and keras-hub's graph.
-    for feature_map in (
-        encoder.backbone.predict_on_batch(images),
-        keras_hub.models.EfficientNetBackbone.call(encoder.backbone, images),
-    ):
-        np.testing.assert_allclose(np.asarray(feature_map).mean(axis=(1, 2)), want_features, atol=1e-4, rtol=0)
+    # The backbone's own inference path (folded batch norms, rewritten convolutions on JAX/CPU) and
+    # keras-hub's graph.
+    folded = np.asarray(encoder.backbone.predict_on_batch(images))
+    graph = np.asarray(keras_hub.models.EfficientNetBackbone.call(encoder.backbone, images))
+    for feature_map in (folded, graph):
+        np.testing.assert_allclose(feature_map.mean(axis=(1, 2)), want_features, atol=1e-4, rtol=0)
+    assert_folded_equals_graph(folded, graph)
 
 
 def test_photos_get_their_imagenet_classes(encoder, batch):
@@ -249,3 +252,97 @@ def test_keras_roundtrip(encoder, batch, tmp_path):
     reloaded = assert_keras_roundtrip(encoder, lambda model: model.embed(batch), tmp_path, atol=1e-6)
     assert reloaded.fingerprint == encoder.fingerprint
     assert reloaded.classify(batch)[3][0][0] == "espresso"
+
+
+def test_prediction_runs_one_compiled_network(encoder, batch, monkeypatch):
+    # Keras on JAX reruns a model eagerly, op by op, before each predict_on_batch while any layer is unbuilt
+    # (keras-hub leaves unused squeeze-excite convolutions unbuilt): once compiled, the backbone's Python
+    # code must not run again.
+    assert all(layer.built for layer in encoder._flatten_layers())
+    encoder.predict_on_batch(batch)
+    calls = []
+    original = efficientnet_lite.EfficientNetLiteBackbone.call
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(efficientnet_lite.EfficientNetLiteBackbone, "call", counting)
+    encoder.predict_on_batch(batch)
+    encoder.predict_on_batch(batch[::-1].copy())
+    assert not calls
+
+
+def test_folded_inference_equals_keras_hub_graph(encoder, batch):
+    backbone = encoder.backbone
+    batch_norms = [layer for layer in backbone._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(efficientnet_lite._convolution_batch_norm_pairs(backbone)) == len(batch_norms) == 49
+    # image by image in a compiled loop (the single-image path is checked on odd sizes above)
+    images = (batch[2:, ::2, ::2].astype(np.float32) - 127.0) / 128.0
+    folded = np.asarray(backbone.predict_on_batch(images))
+    assert_folded_equals_graph(folded, keras_hub_graph(backbone, images))
+
+
+def keras_hub_graph(backbone, images, training=False):
+    """keras-hub's own graph for `backbone`, compiled (eager JAX compiles each op anew for new shapes)."""
+    variables = backbone.weights
+
+    def run(values, images):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return keras_hub.models.EfficientNetBackbone.call(backbone, images, training=training)
+
+    return np.asarray(jax.jit(run)([variable.value for variable in variables], images))
+
+
+def assert_folded_equals_graph(folded, graph):
+    # float32 rounding through 49 folded layers, on activations up to 6 (ReLU6)
+    np.testing.assert_allclose(folded.mean(axis=(1, 2)), graph.mean(axis=(1, 2)), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(folded, graph, atol=5e-5, rtol=0)
+
+
+def test_training_runs_keras_hub_graph(encoder, batch):
+    backbone = encoder.backbone
+    images = (batch[:2, ::4, ::4].astype(np.float32) - 127.0) / 128.0
+    inference = np.asarray(backbone.predict_on_batch(images))  # before taking the values it donates
+    trainable = [variable.value for variable in backbone.trainable_variables]
+    non_trainable = [variable.value for variable in backbone.non_trainable_variables]
+    training, updated = jax.jit(lambda *args: backbone.stateless_call(*args, training=True))(
+        trainable, non_trainable, images
+    )
+    np.testing.assert_allclose(np.asarray(training), keras_hub_graph(backbone, images, training=True), atol=1e-5)
+    # batch statistics, not the folded moving averages: other outputs, and updated moving averages
+    assert np.abs(np.asarray(training) - inference).max() > 0.1
+    assert any(np.abs(np.asarray(new) - np.asarray(old)).max() > 0 for new, old in zip(updated, non_trainable))
+
+
+def test_inference_path_equals_keras_hub_graph_on_other_configurations():
+    # Squeeze-excite, fused blocks, biased convolutions with activations: what the fold must leave alone.
+    config = dict(
+        efficientnet_lite.LITE0_BACKBONE_CONFIG,
+        stackwise_width_coefficients=[1.0] * 3,
+        stackwise_depth_coefficients=[1.0] * 3,
+        stackwise_kernel_sizes=[3, 5, 3],
+        stackwise_num_repeats=[1, 2, 1],
+        stackwise_input_filters=[8, 8, 16],
+        stackwise_output_filters=[8, 16, 16],
+        stackwise_expansion_ratios=[1, 4, 2],
+        stackwise_strides=[1, 2, 1],
+        stackwise_squeeze_and_excite_ratios=[0.25, 0.25, 0],
+        stackwise_block_types=["v1", "unfused", "fused"],
+        num_features=32,
+    )
+    rng = np.random.default_rng(0)
+    # Seeded values, batch norm statistics included, given as initial values: random initialisers would
+    # compile once per kernel shape.
+    with keras.StatelessScope():
+        backbone = efficientnet_lite.EfficientNetLiteBackbone(**config)
+        for variable in backbone.weights:
+            positive = variable.path.endswith(("gamma", "moving_variance"))
+            value = rng.uniform(0.5, 1.5, variable.shape) if positive else rng.normal(0, 0.3, variable.shape)
+            variable._initializer = keras.initializers.Constant(value.astype(np.float32))
+    assert all(layer.built for layer in backbone._flatten_layers())
+    images = rng.normal(0, 1, (3, 37, 45, 3)).astype(np.float32)
+    folded = np.asarray(backbone.predict_on_batch(images))
+    graph = keras_hub_graph(backbone, images)
+    assert folded.shape == graph.shape == (3, 10, 12, 32)
+    np.testing.assert_allclose(folded, graph, atol=5e-5, rtol=0)
