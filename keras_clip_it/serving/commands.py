@@ -5,12 +5,12 @@ multilingual-e5-small (--lang it) or all-MiniLM-L6-v2 (--lang en) for text, over
 of that language. A registered collection is embedded once per pair of encoders and kept under the
 cache folder, so later starts load its embeddings instead of recomputing them.
 
-The server runs on TensorFlow unless told otherwise (--backend): on CPU, EfficientNet-Lite0 runs several
-times faster there than on XLA:CPU, and a server only predicts (benchmarks/results/serve.md measures both
-side by side). Keras fixes its backend when first imported, so `serve` restarts itself with
-KERAS_BACKEND set when the running one differs. NumPy's BLAS runs on one thread: the server's parallelism
-is across requests, and BLAS threads spinning against the encoder's threads on a small machine made the
-ASIF search ~7x slower (1.9k anchors: 5.5 ms against 0.75 ms per query under load).
+The server runs on the backend that served the most requests per second in benchmarks/results/serve.md,
+where the backends run side by side (--backend picks another). Keras fixes its backend when first
+imported, so `serve` restarts itself with KERAS_BACKEND set when the running one differs. NumPy's BLAS
+runs on one thread: the server's parallelism is across requests, and BLAS threads spinning against the
+encoder's threads on a small machine made the ASIF search ~7x slower (1.9k anchors: 5.5 ms against
+0.75 ms per query under load).
 """
 
 import os
@@ -19,8 +19,8 @@ import sys
 
 TEXT_PRESETS = {"it": "multilingual_e5_small", "en": "all_minilm_l6_v2"}
 BACKENDS = ("tensorflow", "jax")
-# The fastest backend for CPU inference in benchmarks/results/serve.md.
-DEFAULT_BACKEND = "tensorflow"
+# The backend with the highest throughput at 1, 8 and 32 clients in benchmarks/results/serve.md.
+DEFAULT_BACKEND = "jax"
 
 
 def register(subparsers):
@@ -56,7 +56,7 @@ def register(subparsers):
         "--backend",
         choices=BACKENDS,
         default=DEFAULT_BACKEND,
-        help=f"Keras backend the encoders run on (default: {DEFAULT_BACKEND}, the fastest measured on CPU)",
+        help=f"Keras backend of the encoders (default: {DEFAULT_BACKEND}, the fastest in benchmarks/results/serve.md)",
     )
     parser.set_defaults(func=run)
 

@@ -151,11 +151,11 @@ class _Batcher:
     """Runs `function(items) -> rows` for concurrent callers, batching whatever is waiting together.
 
     Each of `workers` threads takes the first waiting job and the jobs queued behind it while they fit
-    in `max_items` (a single job larger than that runs alone), runs them as one call and hands each caller its rows. There is no timer: a single
-    client is never delayed, and under load the next batch fills while the current one runs. With two
-    workers, two batches run at once, which fills the cores that one call leaves idle (small
-    convolutions do not split over threads); the encoder orders the calls itself where its backend
-    needs it.
+    in `max_items` (a single job larger than that runs alone), runs them as one call and hands each
+    caller its rows. There is no timer: a single client is never delayed, and under load the next batch
+    fills while the current one runs. With two workers, two batches run at once, which fills the cores
+    that one call leaves idle (small convolutions do not split over threads); the encoder orders the
+    calls itself where its backend needs it.
     """
 
     def __init__(self, function, max_items, workers=1):

@@ -56,7 +56,8 @@ def test_add_and_remove_follow_the_indexes_without_rebuilding_or_copying(encoder
     old_texts = collection.embeddings("text", text_fp).copy()
 
     ids = [f"new-{i}" for i in range(4)]
-    new_images, new_texts = unit_rows(rng, 4, image_encoder.embedding_dim), unit_rows(rng, 4, text_encoder.embedding_dim)
+    new_images = unit_rows(rng, 4, image_encoder.embedding_dim)
+    new_texts = unit_rows(rng, 4, text_encoder.embedding_dim)
     added = service.add(ids, ["new"] * 4, image_embeddings=new_images.tolist(), text_embeddings=new_texts.tolist())
     assert added["collection"] == {"name": "alpha", "version": before.version + 1, "pairs": 304}
     removed_ids = [collection.ids[i] for i in (0, 7, 150, 301)]
@@ -93,7 +94,8 @@ def test_activating_builds_indexes_and_removing_everything_leaves_no_anchors(enc
         text_embeddings=unit_rows(rng, 2, text_encoder.embedding_dim).tolist(),
     )
     queries = unit_rows(rng, 3, image_encoder.embedding_dim)
-    check_snapshot(service.snapshot, queries, service.collection.embeddings("image", image_encoder.fingerprint), "image")
+    anchors = service.collection.embeddings("image", image_encoder.fingerprint)
+    check_snapshot(service.snapshot, queries, anchors, "image")
     service.activate("alpha")  # edits of beta are kept while alpha is active
     service.activate("beta")
     assert service.snapshot.info() == {"name": "beta", "version": 6, "pairs": 2} and len(beta) == 12
