@@ -9,7 +9,8 @@ dims matter here), stored as .npy files as an embedding job would leave them. Al
   query         an image query against the current collection (its anchor index up to date): what a user
                 waits for when nothing changed, the yardstick for the first query after a change.
   add / remove  asif.add / asif.remove of 10k precomputed pairs in the 1M-anchor collection (the image and the
-                text anchor index both follow the change in the same call), then the first query after it.
+                text anchor index both follow the change in the same call), then the first query after it;
+                then the collection's own part: AnalogyCollection.add / remove alone.
   swap          two 1M-anchor collections opened from disk (memory-mapped): asif.prepare(other) builds its
                 anchor indexes ahead (as a server preloading collections does), then asif.use swaps between
                 the two kept collections, with the first query after each swap; for reference, a swap to a
@@ -314,6 +315,20 @@ def main():
                 steps[f"asif_{name}"]["over_steady_query"] = round(seconds / steady, 2)
             print(json.dumps({f"asif_{name}": steps[f"asif_{name}"]}), flush=True)
 
+        # The collection's own part of a change: AnalogyCollection.add / remove with no index following.
+        adds, removes = [], []
+        embeddings = {"image": {fps[0]: extra["image"]}, "text": {fps[1]: extra["text"]}}
+        for _ in range(args.repeats):
+            with Peak() as add:
+                collection.add(extra["ids"], captions=extra["captions"], embeddings=embeddings)
+            with Peak() as remove:
+                collection.remove(extra["ids"])
+            adds.append(add)
+            removes.append(remove)
+        for name, peaks in (("collection_add", adds), ("collection_remove", removes)):
+            steps[name] = median_step(peaks, rebuild)
+            print(json.dumps({name: steps[name]}), flush=True)
+
         out = f"collections_{n}_{dims}"
         results["targets"] = memory_targets(steps)
         write(results, out)  # kept if a later section runs out of memory
@@ -458,6 +473,8 @@ DESCRIPTIONS = {
     "asif_add_then_query": "first query after the add",
     "asif_remove": "asif.remove 10k pairs (image and text anchor indexes follow)",
     "asif_remove_then_query": "first query after the remove",
+    "collection_add": "AnalogyCollection.add 10k precomputed pairs alone (no index following)",
+    "collection_remove": "AnalogyCollection.remove 10k pairs alone (no index following)",
     "save_whole": "storage.save_collection of the whole collection (durable rebuild)",
     "stored_append": "storage.append 10k pairs (new segment + manifest, fsynced)",
     "stored_remove": "storage.remove 10k pairs (tombstone segment + manifest, fsynced)",
