@@ -98,7 +98,7 @@ class ASIF(keras.Model):
     anchor indexes (and class representations) of the `keep_collections` collections it used or prepared
     last, the current one included, so `use` of one of them publishes them at once and the first query
     after the swap costs a steady query. Each kept collection costs its indexes' memory: per side, the
-    stored anchors (N x D x 4 bytes in float32) plus the bfloat16 screening copy (N x D x 2), e.g. 3.5 GB
+    stored anchors (N x D x 4 bytes in float32) plus the bfloat16 screening copy (N x D x 2), e.g. 4.6 GB
     for a 1M-pair collection with 384-d images and texts.
 
     Args:
