@@ -12,15 +12,14 @@ lukemelas/EfficientNet-PyTorch). Three details of that source fix the Keras conf
 - Inputs are normalised as (pixels - 127) / 128 ("inception-style", chosen by Google for quantisation) and
   evaluated on a centre crop of 224/256 of the shorter side, resized bicubically to 224.
 
-On JAX on CPU, `EfficientNetLiteBackbone` runs inference with its batch norms folded into the convolutions
-and the convolutions rewritten as XLA:CPU compiles them well (see its docstring): same weights, results equal
-to keras-hub's graph to float32 rounding, and faster than the torch reference (benchmarks/encoders.py).
+On JAX on CPU, `EfficientNetLiteBackbone` runs inference through convolutions rewritten as XLA:CPU compiles
+them well, one image at a time (see its docstring): same weights, results equal to keras-hub's graph to
+float32 rounding, and faster than the torch reference (benchmarks/encoders.py).
 
 The converted weights are cached as Keras weights under `presets.cache_dir()`; the cache is checked
 (checksum, source file, conversion version) on every load and rebuilt from the `.pth` when it does not match.
 """
 
-import collections
 import functools
 import hashlib
 import json
@@ -79,14 +78,15 @@ class EfficientNetLiteBackbone(keras_hub.models.EfficientNetBackbone):
     """keras-hub's `EfficientNetBackbone`, with an inference path that XLA:CPU compiles well.
 
     On JAX on CPU, keras-hub's graph runs at a fraction of torch's speed: XLA:CPU lowers a depthwise
-    convolution (`feature_group_count` = channels) to a generic loop about 7x slower than k*k shifted
-    multiply-adds, every batch norm is one more pass over memory, and a batch of 32 feature maps no
-    longer fits in cache. So inference there (`training` false) runs the same graph with each batch norm
-    folded into the convolution before it (kernel times gamma / sqrt(variance + epsilon), plus a bias),
-    depthwise convolutions as shifted multiply-adds fused with their ReLU6, 1x1 convolutions and the stem
-    as matrix products, one image at a time in a compiled loop. Same layers, same variables, same config;
-    training, other backends and accelerators run keras-hub's graph unchanged, and tests hold both paths
-    to a torch forward of the same weights. benchmarks/encoders.py measures the result against torch.
+    convolution (`feature_group_count` = channels) to a generic loop that makes the whole network ~7x slower
+    than k*k shifted multiply-adds, and a batch of 32 feature maps no longer fits in cache (~2x slower per
+    image than one image at a time). So inference there (`training` false) runs the same graph with
+    depthwise convolutions as shifted multiply-adds (fused with their batch norm and ReLU6), the stem and
+    1x1 convolutions as matrix products, one image at a time in a compiled loop. Batch norms stay as they
+    are: folded into the kernels they measured no faster (XLA fuses them with the activation after them),
+    and the fold costs ~10% at batch size 1. Same layers, same variables, same config; training, other
+    backends and accelerators run keras-hub's graph unchanged, and tests hold both paths to a torch forward
+    of the same weights. benchmarks/encoders.py measures the result against torch.
 
     Args:
         **kwargs: the arguments of `keras_hub.models.EfficientNetBackbone`.
@@ -112,15 +112,12 @@ class EfficientNetLiteBackbone(keras_hub.models.EfficientNetBackbone):
     def call(self, inputs, training=None, mask=None):
         if training or not _jax_on_cpu() or self.data_format != "channels_last":
             return super().call(inputs, training=training, mask=mask)
-        convolutions = _FoldedConvolutions(self)
-        operation_fn = functools.partial(_cpu_operation, convolutions)
 
         def network(images):
-            return self._run_through_graph(images, operation_fn=operation_fn)
+            return self._run_through_graph(images, operation_fn=_cpu_operation)
 
         if inputs.shape[0] == 1:
             return network(inputs)
-        # One image at a time: its feature maps stay in cache (a batch of 32 runs ~2x slower per image).
         return ops.map(lambda image: network(image[None])[0], inputs)
 
 
@@ -136,97 +133,29 @@ def _has_squeeze_excite(block):
     return 0 < block.se_ratio <= 1
 
 
-class _FoldedConvolutions:
-    """The convolutions of a backbone at inference, each with the batch norm that follows it folded in.
-
-    A convolution whose output goes only to a batch norm (over channels, the last axis) computes
-    `bn(conv(x))` as one convolution with kernel `k * s` and bias `(b - mean) * s + beta`, where
-    `s = gamma / sqrt(variance + epsilon)`; that batch norm then passes its input through. The folded
-    weights are computed from the variables once per call (so training and reloading change them).
-    """
-
-    def __init__(self, backbone):
-        self.weights = {}  # id(convolution) -> (kernel, bias)
-        self.folded_batch_norms = set()
-        for convolution, batch_norm in _convolution_batch_norm_pairs(backbone):
-            self.weights[id(convolution)] = _fold(convolution, batch_norm)
-            self.folded_batch_norms.add(id(batch_norm))
-
-    def __call__(self, layer, x):
-        """`layer(x)` (followed by its batch norm, when folded), written as XLA:CPU compiles well."""
-        kernel, bias = self.weights.get(id(layer), (layer.kernel, layer.bias if layer.use_bias else None))
-        return _convolution(layer, kernel, bias, x)
-
-
-def _convolution_batch_norm_pairs(backbone):
-    """(convolution, batch norm) pairs of the graph and of its MBConv blocks where the fold is exact."""
-    consumers = collections.Counter(id(tensor) for tensor in backbone.outputs)
-    nodes = [node for depth in backbone._nodes_by_depth.values() for node in depth]
-    for node in nodes:
-        consumers.update(id(tensor) for tensor in node.input_tensors)
-    pairs = []
-    for node in nodes:
-        if isinstance(node.operation, keras.layers.BatchNormalization) and len(node.input_tensors) == 1:
-            tensor = node.input_tensors[0]
-            if consumers[id(tensor)] == 1:
-                pairs.append((tensor._keras_history.operation, node.operation))
-        elif isinstance(node.operation, MBConvBlock) and not _has_squeeze_excite(node.operation):
-            block = node.operation
-            if block.expand_ratio != 1:
-                pairs.append((block.conv1, block.bn1))
-            pairs += [(block.depthwise, block.bn2), (block.output_conv, block.bn3)]
-    return [(convolution, batch_norm) for convolution, batch_norm in pairs if _foldable(convolution, batch_norm)]
-
-
-def _foldable(convolution, batch_norm):
-    return (
-        isinstance(convolution, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))
-        and convolution.activation is keras.activations.linear
-        and batch_norm.axis in (-1, 3)  # channels of NHWC feature maps
-    )
-
-
-def _fold(convolution, batch_norm):
-    # The arithmetic of keras' batch_normalization: inv = rsqrt(variance + epsilon) * gamma.
-    scale = ops.rsqrt(batch_norm.moving_variance + batch_norm.epsilon)
-    if batch_norm.scale:
-        scale = scale * batch_norm.gamma
-    bias = -batch_norm.moving_mean * scale
-    if convolution.use_bias:
-        bias = bias + convolution.bias * scale
-    if batch_norm.center:
-        bias = bias + batch_norm.beta
-    kernel = convolution.kernel
-    # Output channel c of a depthwise kernel (kh, kw, C, m) is (c // m, c % m): the same flat order.
-    kernel = kernel * ops.reshape(scale, kernel.shape[2:] if isinstance(convolution, keras.layers.DepthwiseConv2D) else (-1,))
-    return kernel, bias
-
-
-def _cpu_operation(convolutions, operation):
-    """The inference implementation of one node of the backbone's graph (the layer itself by default)."""
-    if id(operation) in convolutions.folded_batch_norms:
-        return lambda x, **kwargs: x
+def _cpu_operation(operation):
+    """The CPU-friendly implementation of one node of the backbone's graph (the layer itself by default)."""
     if isinstance(operation, MBConvBlock) and not _has_squeeze_excite(operation):
-        return functools.partial(_mbconv, operation, convolutions)
+        return functools.partial(_mbconv, operation)
     if isinstance(operation, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
-        return functools.partial(convolutions, operation)
+        return functools.partial(_convolution, operation)
     return operation
 
 
-def _mbconv(block, convolutions, inputs):
-    # MBConvBlock.call at inference (dropout is the identity), each batch norm folded into its convolution.
+def _mbconv(block, inputs):
+    # MBConvBlock.call at inference (dropout is the identity), with its convolutions through `_convolution`.
     x = inputs
     if block.expand_ratio != 1:
-        x = block.act(convolutions(block.conv1, x))
-    x = block.act(convolutions(block.depthwise, x))
-    x = convolutions(block.output_conv, block.output_conv_pad(x))
+        x = block.act(block.bn1(_convolution(block.conv1, x)))
+    x = block.act(block.bn2(_convolution(block.depthwise, x)))
+    x = block.bn3(_convolution(block.output_conv, block.output_conv_pad(x)))
     if block.strides == 1 and block.input_filters == block.output_filters and not block.nores:
         x = x + inputs
     return x
 
 
-def _convolution(layer, kernel, bias, x):
-    """`layer`'s convolution of `x` with `kernel` and `bias`, then its activation."""
+def _convolution(layer, x):
+    """`layer(x)`, as shifted multiply-adds (depthwise) or a matrix product (other convolutions)."""
     (kernel_h, kernel_w), (stride_h, stride_w) = layer.kernel_size, layer.strides
     depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
     plain = (
@@ -235,30 +164,28 @@ def _convolution(layer, kernel, bias, x):
         and (layer.depth_multiplier == 1 if depthwise else layer.groups == 1)
     )
     if not plain:
-        convolve = ops.depthwise_conv if depthwise else ops.conv
-        y = convolve(x, kernel, layer.strides, layer.padding, dilation_rate=layer.dilation_rate)
+        return layer(x)
+    if layer.padding == "same":
+        (top, bottom) = _same_padding(x.shape[1], kernel_h, stride_h)
+        (left, right) = _same_padding(x.shape[2], kernel_w, stride_w)
+        x = ops.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
+    height = (x.shape[1] - kernel_h) // stride_h + 1
+    width = (x.shape[2] - kernel_w) // stride_w + 1
+    shifted = [
+        x[:, i : i + stride_h * (height - 1) + 1 : stride_h, j : j + stride_w * (width - 1) + 1 : stride_w, :]
+        for i in range(kernel_h)
+        for j in range(kernel_w)
+    ]
+    if depthwise:
+        kernel = ops.reshape(layer.kernel, (kernel_h * kernel_w, -1))
+        y = shifted[0] * kernel[0]
+        for index in range(1, len(shifted)):
+            y = y + shifted[index] * kernel[index]
     else:
-        if layer.padding == "same":
-            (top, bottom) = _same_padding(x.shape[1], kernel_h, stride_h)
-            (left, right) = _same_padding(x.shape[2], kernel_w, stride_w)
-            x = ops.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
-        height = (x.shape[1] - kernel_h) // stride_h + 1
-        width = (x.shape[2] - kernel_w) // stride_w + 1
-        shifted = [
-            x[:, i : i + stride_h * (height - 1) + 1 : stride_h, j : j + stride_w * (width - 1) + 1 : stride_w, :]
-            for i in range(kernel_h)
-            for j in range(kernel_w)
-        ]
-        if depthwise:
-            kernel = ops.reshape(kernel, (kernel_h * kernel_w, -1))
-            y = shifted[0] * kernel[0]
-            for index in range(1, len(shifted)):
-                y = y + shifted[index] * kernel[index]
-        else:
-            patches = shifted[0] if len(shifted) == 1 else ops.concatenate(shifted, axis=-1)
-            y = ops.matmul(patches, ops.reshape(kernel, (-1, layer.filters)))
-    if bias is not None:
-        y = y + bias
+        patches = shifted[0] if len(shifted) == 1 else ops.concatenate(shifted, axis=-1)
+        y = ops.matmul(patches, ops.reshape(layer.kernel, (-1, layer.filters)))
+    if layer.use_bias:
+        y = y + layer.bias
     return layer.activation(y)
 
 
