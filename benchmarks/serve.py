@@ -7,15 +7,21 @@ held-out split of kci.datasets.emoji_pairs) among 10 Italian emoji names with th
 the label embeddings are cached after the first request, so a request costs one image through the image
 tower plus the ASIF search.
 
-Clients are threads with their own HTTP connection, each sending its requests back to back. Two server
-configurations run side by side in the same run: micro-batching on (--encoder-batch 8: the images of up
-to 8 concurrent requests share one encoder call; 8 bounds the server's memory on a small shared machine)
-and off (--encoder-batch 1: one call per request). Ratios are
-against the single-client run of the same configuration. The machine's load average is recorded with
-each level, since other processes share the CPU.
+Several server configurations (Keras backend x --encoder-batch x --encoder-workers) run side by side: all
+servers are started first, then measured in rounds, each round running every configuration at every client
+count, so that the load of other processes on a shared machine falls on all of them alike. Clients are
+threads with their own HTTP connection, each sending requests back to back for --seconds (64 distinct
+images per level). A configuration's "x 1 client" ratio is its
+throughput at N clients over its single-client throughput in the same round; the tables give the median
+over rounds (and every round in the JSON). The machine's load average is recorded with each level.
 
-    python benchmarks/serve.py                       # both configurations, 1/8/32 clients, whole emoji-it
-    python benchmarks/serve.py --pairs 256 --requests 4   # 256 training pairs: what results/serve.* hold
+It also times collection changes on the server (`--change-pairs`): adding and removing pairs (O(pairs
+changed): the indexes follow the change) against activating a collection of the same size (O(N): indexes
+built from scratch, what every change cost when the server copied the collection), in-process on random
+unit embeddings.
+
+    python benchmarks/serve.py                            # default configurations, whole emoji-it
+    python benchmarks/serve.py --pairs 256 --rounds 1     # 256 training pairs, quicker
 """
 
 import argparse
@@ -39,7 +45,16 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-CONFIGS = {"batched": 8, "unbatched": 1}
+# name -> (Keras backend, --encoder-batch, --encoder-workers)
+CONFIGS = {
+    "jax-batch4": ("jax", 4, 1),
+    "jax-batch1": ("jax", 1, 1),
+    "jax-batch4-workers2": ("jax", 4, 2),
+    "tensorflow-batch4": ("tensorflow", 4, 1),
+    "tensorflow-batch4-workers2": ("tensorflow", 4, 2),
+    "tensorflow-batch1": ("tensorflow", 1, 1),
+}
+DEFAULT_CONFIGS = ["jax-batch4", "jax-batch1", "tensorflow-batch4", "tensorflow-batch1"]
 
 
 def free_port():
@@ -70,7 +85,7 @@ def prepare_subset(lang, pairs, path):
     collection.save(path)
 
 
-def start_server(lang, encoder_batch, log_path, timeout, collection=None):
+def start_server(lang, backend, encoder_batch, encoder_workers, log_path, timeout, collection=None):
     port = free_port()
     command = [
         sys.executable,
@@ -81,14 +96,18 @@ def start_server(lang, encoder_batch, log_path, timeout, collection=None):
         lang,
         "--port",
         str(port),
+        "--backend",
+        backend,
         "--encoder-batch",
         str(encoder_batch),
+        "--encoder-workers",
+        str(encoder_workers),
         "--warm-up",
     ]
     if collection:
         command += ["--collection", collection]
     log = open(log_path, "w")
-    # Compiled XLA programs are kept on disk, so the second configuration does not compile them again.
+    # Compiled XLA programs are kept on disk, so a second JAX server does not compile them again.
     environment = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "kci-serve-jax-cache"))
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
     url = f"http://127.0.0.1:{port}"
@@ -107,12 +126,12 @@ def start_server(lang, encoder_batch, log_path, timeout, collection=None):
 
 
 def requests_for(lang, count, seed=0):
-    """`count` classify bodies: one held-out emoji PNG each, the same 10 labels."""
+    """`count` classify bodies: one held-out emoji PNG each (picked with `seed`), always the same 10 labels."""
     import keras_clip_it as kci
 
     images, captions = kci.datasets.emoji_pairs(lang=lang, split="test")
+    labels = [captions[i] for i in np.random.default_rng(0).choice(len(captions), 10, replace=False)]
     rng = np.random.default_rng(seed)
-    labels = [captions[i] for i in rng.choice(len(captions), 10, replace=False)]
     bodies = []
     for i in rng.choice(len(images), count, replace=True):
         buffer = io.BytesIO()
@@ -122,20 +141,34 @@ def requests_for(lang, count, seed=0):
     return bodies
 
 
-def run_level(url, clients, bodies):
-    """Each of `clients` threads sends its share of `bodies` back to back; returns latencies and statuses."""
+def cpu_seconds(pid):
+    """User + system CPU seconds the process `pid` has used so far (Linux /proc; None elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_level(url, clients, bodies, seconds, pid=None):
+    """`clients` threads send `bodies` (each its share, in turn) back to back for `seconds` (at least one
+    request each); returns throughput, latency percentiles and statuses."""
     latencies, statuses = [], []
     lock = threading.Lock()
-    shares = [bodies[i::clients] for i in range(clients)]
+    shares = [bodies[i::clients] or bodies for i in range(clients)]
     barrier = threading.Barrier(clients + 1)
 
     def client(share):
         with httpx.Client(base_url=url, timeout=600) as http:
             barrier.wait()
-            for body in share:
+            deadline = time.perf_counter() + seconds
+            sent = 0
+            while sent == 0 or time.perf_counter() < deadline:
                 start = time.perf_counter()
-                response = http.post("/v1/classify", json=body)
+                response = http.post("/v1/classify", json=share[sent % len(share)])
                 elapsed = time.perf_counter() - start
+                sent += 1
                 with lock:
                     latencies.append(elapsed)
                     statuses.append(response.status_code)
@@ -144,10 +177,11 @@ def run_level(url, clients, bodies):
     for thread in threads:
         thread.start()
     barrier.wait()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds(pid)
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
+    cpu = None if cpu_start is None else cpu_seconds(pid) - cpu_start
     latencies = np.asarray(latencies) * 1000
     return {
         "clients": clients,
@@ -158,7 +192,101 @@ def run_level(url, clients, bodies):
         "p99_ms": round(float(np.percentile(latencies, 99)), 1),
         "errors": int(sum(status != 200 for status in statuses)),
         "load_average": round(os.getloadavg()[0], 1),
+        # The server's CPU time per request, and how many of the machine's cores it kept busy on average.
+        "server_cpu_ms_per_request": None if cpu is None else round(1000 * cpu / len(latencies), 1),
+        "server_cores_busy": None if cpu is None else round(cpu / wall, 2),
     }
+
+
+def time_changes(pairs, lang, changed, repeats=5):
+    """Milliseconds of adding / removing `changed` pairs and of activating a collection, at `pairs` pairs.
+
+    In-process on a `Service` over two random collections of `pairs` unit embeddings (the encoders are
+    the default ones, only their fingerprints and dimensions are used): medians over `repeats`.
+    """
+    import keras_clip_it as kci
+    from keras_clip_it.collections import AnalogyCollection
+    from keras_clip_it.serving.commands import TEXT_PRESETS
+    from keras_clip_it.serving.server import Service
+
+    image_encoder = kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
+    text_encoder = kci.TextEncoder.from_preset(TEXT_PRESETS[lang])
+    rng = np.random.default_rng(0)
+
+    def unit(count, dim):
+        rows = rng.standard_normal((count, dim), dtype=np.float32)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    def collection(name):
+        made = AnalogyCollection(name=name, language=lang)
+        made.add(
+            [f"{name}-{i}" for i in range(pairs)],
+            captions=[f"caption {i}" for i in range(pairs)],
+            embeddings={
+                "image": {image_encoder.fingerprint: unit(pairs, image_encoder.embedding_dim)},
+                "text": {text_encoder.fingerprint: unit(pairs, text_encoder.embedding_dim)},
+            },
+        )
+        return made
+
+    asif = kci.ASIF(image_encoder, text_encoder, collection=collection("first"))
+    service = Service(asif, collections=[collection("second")])
+    timings = {"add": [], "remove": [], "activate": []}
+    for repeat in range(repeats):
+        ids = [f"new-{repeat}-{i}" for i in range(changed)]
+        images = unit(changed, image_encoder.embedding_dim).tolist()
+        texts = unit(changed, text_encoder.embedding_dim).tolist()
+        for change, call in (
+            ("add", lambda: service.add(ids, ["new"] * changed, image_embeddings=images, text_embeddings=texts)),
+            ("remove", lambda: service.remove(ids)),
+            ("activate", lambda: service.activate("second" if repeat % 2 == 0 else "first")),
+        ):
+            start = time.perf_counter()
+            call()
+            timings[change].append((time.perf_counter() - start) * 1000)
+        if repeat % 2 == 0:
+            service.activate("first")  # the next add and remove edit the first collection again
+    medians = {f"{change}_ms": round(float(np.median(values)), 2) for change, values in timings.items()}
+    return {
+        "pairs": pairs,
+        "changed": changed,
+        **medians,
+        "activate_over_add": round(medians["activate_ms"] / medians["add_ms"], 1),
+        "activate_over_remove": round(medians["activate_ms"] / medians["remove_ms"], 1),
+        "load_average": round(os.getloadavg()[0], 1),
+    }
+
+
+def summarize(levels):
+    """Per client count: medians over rounds of the measured figures (ratios taken within each round)."""
+    singles = {level["round"]: level["requests_per_s"] for level in levels if level["clients"] == 1}
+    summary = []
+    for clients in sorted({level["clients"] for level in levels}):
+        runs = [level for level in levels if level["clients"] == clients]
+        for level in runs:
+            level["throughput_vs_1_client"] = round(level["requests_per_s"] / singles[level["round"]], 2)
+            level["p99_over_p50"] = round(level["p99_ms"] / level["p50_ms"], 2)
+
+        def median(key, runs=runs):
+            return round(float(np.median([level[key] for level in runs])), 2)
+
+        summary.append(
+            {
+                "clients": clients,
+                "rounds": len(runs),
+                "requests": sum(level["requests"] for level in runs),
+                "requests_per_s": median("requests_per_s"),
+                "throughput_vs_1_client": median("throughput_vs_1_client"),
+                "p50_ms": median("p50_ms"),
+                "p99_ms": median("p99_ms"),
+                "p99_over_p50": median("p99_over_p50"),
+                "errors": sum(level["errors"] for level in runs),
+                "load_average": median("load_average"),
+                "server_cpu_ms_per_request": median("server_cpu_ms_per_request"),
+                "server_cores_busy": median("server_cores_busy"),
+            }
+        )
+    return summary
 
 
 def main():
@@ -166,9 +294,10 @@ def main():
     parser.add_argument("--lang", default="it", choices=["it", "en"])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument(
-        "--requests", type=int, default=8, help="requests per client at each level (at least 24 in all)"
+        "--seconds", type=float, default=10.0, help="how long each level sends requests (at least one per client)"
     )
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over every configuration and client count")
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     parser.add_argument("--startup-timeout", type=float, default=3600, help="seconds to wait for each server")
     parser.add_argument(
         "--pairs",
@@ -176,10 +305,16 @@ def main():
         default=0,
         help="serve this many pairs of the emoji training split instead of the whole registered collection",
     )
+    parser.add_argument(
+        "--change-pairs", type=int, default=100_000, help="collection size for timing changes (0: skip)"
+    )
+    parser.add_argument("--changed", type=int, default=10, help="pairs added and removed per timed change")
     parser.add_argument("--prepare", help=argparse.SUPPRESS)  # internal: build the --pairs collection here
     args = parser.parse_args()
     if args.prepare:
         return prepare_subset(args.lang, args.pairs, args.prepare)
+    if 1 not in args.clients:
+        parser.error("--clients must include 1: every ratio is against one client")
     collection = None
     if args.pairs:
         collection = os.path.join(tempfile.gettempdir(), f"kci-serve-emoji-{args.lang}-{args.pairs}")
@@ -191,40 +326,62 @@ def main():
     results = {
         "endpoint": "POST /v1/classify",
         "model": f"ASIF(EfficientNet-Lite0, {'multilingual_e5_small' if args.lang == 'it' else 'all_minilm_l6_v2'}) "
-        f"over emoji-{args.lang}" + (f" ({args.pairs} training pairs)" if args.pairs else "") + ", k=800, p=8",
+        f"over emoji-{args.lang}" + (f" ({args.pairs} training pairs)" if args.pairs else " (1,874 pairs)")
+        + ", k=800, p=8",
         "request": "1 emoji PNG, 10 labels, templates '{}-short'".format(args.lang),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "rounds": args.rounds,
         "configs": {},
     }
-    for name in args.configs:
-        log_path = os.path.join(RESULTS, f"serve_{name}.log")
-        process, url, startup = start_server(args.lang, CONFIGS[name], log_path, args.startup_timeout, collection)
-        try:
+    servers = {}
+    try:
+        for name in args.configs:  # one at a time: the first one embeds the collection and caches it
+            backend, encoder_batch, encoder_workers = CONFIGS[name]
+            log_path = os.path.join(RESULTS, f"serve_{name}.log")
+            process, url, startup = start_server(
+                args.lang, backend, encoder_batch, encoder_workers, log_path, args.startup_timeout, collection
+            )
+            servers[name] = (process, url, log_path)
             primer = requests_for(args.lang, 1, seed=99)[0]
             httpx.post(f"{url}/v1/classify", json=primer, timeout=600).raise_for_status()  # caches the labels
-            levels = []
-            for clients in args.clients:
-                bodies = requests_for(args.lang, max(24, clients * args.requests), seed=clients)
-                run_level(url, clients, bodies[:clients])  # opens the connections and server threads
-                level = run_level(url, clients, bodies)
-                print(name, json.dumps(level), flush=True)
-                levels.append(level)
-        finally:
+            results["configs"][name] = {
+                "backend": backend,
+                "encoder_batch": encoder_batch,
+                "encoder_workers": encoder_workers,
+                "startup_s": round(startup, 1),
+                "levels": [],
+            }
+            print(f"{name} started in {startup:.0f} s", flush=True)
+        for round_number in range(args.rounds):
+            for name in args.configs:
+                url = servers[name][1]
+                for clients in args.clients:
+                    bodies = requests_for(args.lang, 64, seed=clients + 1000 * round_number)
+                    run_level(url, clients, bodies, seconds=0)  # opens the connections and server threads
+                    pid = servers[name][0].pid
+                    level = dict(run_level(url, clients, bodies, args.seconds, pid), round=round_number)
+                    print(name, json.dumps(level), flush=True)
+                    results["configs"][name]["levels"].append(level)
+            for config in results["configs"].values():
+                config["summary"] = summarize(config["levels"])
+            write(results)  # after each round, so a long run keeps what it measured
+    finally:
+        for process, _, _ in servers.values():
             process.terminate()
+        for process, _, log_path in servers.values():
             process.wait(timeout=60)
+    for _, _, log_path in servers.values():
         os.remove(log_path)  # kept when the run failed
-        single = levels[0]
-        for level in levels:
-            level["throughput_vs_1_client"] = round(level["requests_per_s"] / single["requests_per_s"], 2)
-            level["p99_over_p50"] = round(level["p99_ms"] / level["p50_ms"], 2)
-        results["configs"][name] = {"encoder_batch": CONFIGS[name], "startup_s": round(startup, 1), "levels": levels}
-        write(results)  # after each configuration, so a long run keeps what it measured
+    if args.change_pairs:
+        results["changes"] = time_changes(args.change_pairs, args.lang, args.changed)
+        print("changes", json.dumps(results["changes"]), flush=True)
+        write(results)
 
 
 def write(results):
     targets = {}
     for name, config in results["configs"].items():
-        by_clients = {level["clients"]: level for level in config["levels"]}
+        by_clients = {level["clients"]: level for level in config.get("summary", [])}
         if 8 in by_clients:
             targets[name] = {
                 "8_clients_throughput_at_least_1.5x": by_clients[8]["throughput_vs_1_client"] >= 1.5,
@@ -242,23 +399,39 @@ def markdown(results):
     lines = [
         f"# {results['endpoint']} under concurrent clients",
         "",
-        f"Model: {results['model']}. Request: {results['request']}. Machine: {results['machine']['cpus']} CPUs "
-        "(shared: the load average column is the 1-minute load when each level ended).",
+        f"Model: {results['model']}. Request: {results['request']}. Machine: {results['machine']['cpus']} CPUs, "
+        "shared with other processes: every configuration ran at every client count in each of "
+        f"{results['rounds']} rounds; figures are medians over rounds, ratios are against one client in the "
+        "same round, and the load column is the 1-minute load average when each level ended.",
         "",
-        "| server | clients | requests | req/s | x 1 client | p50 ms | p99 ms | p99/p50 | errors | load |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | clients | requests | req/s | x 1 client | p50 ms | p99 ms | p99/p50 | errors | server CPU ms/request "
+        "| server cores busy | load |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, config in results["configs"].items():
-        label = f"{name} (encoder batch {config['encoder_batch']})"
-        for level in config["levels"]:
+        label = f"{config['backend']}, encoder batch {config['encoder_batch']}, {config['encoder_workers']} worker(s)"
+        for level in config.get("summary", []):
             lines.append(
                 f"| {label} | {level['clients']} | {level['requests']} | {level['requests_per_s']} | "
                 f"{level['throughput_vs_1_client']} | {level['p50_ms']} | {level['p99_ms']} | {level['p99_over_p50']} | "
-                f"{level['errors']} | {level['load_average']} |"
+                f"{level['errors']} | {level['server_cpu_ms_per_request']} | {level['server_cores_busy']} | "
+                f"{level['load_average']} |"
             )
     lines += ["", "Targets at 8 clients (throughput >= 1.5x one client, p99 <= 3x p50):", ""]
     for name, checks in results["targets"].items():
         lines.append(f"- {name}: " + ", ".join(f"{check} {'met' if ok else 'NOT met'}" for check, ok in checks.items()))
+    changes = results.get("changes")
+    if changes:
+        lines += [
+            "",
+            f"Collection changes at {changes['pairs']:,} pairs ({changes['changed']} pairs per add or remove, "
+            f"median ms, in-process; load {changes['load_average']}):",
+            "",
+            "| add | remove | activate (indexes built from scratch) | activate / add | activate / remove |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+            f"| {changes['add_ms']} | {changes['remove_ms']} | {changes['activate_ms']} | "
+            f"{changes['activate_over_add']} | {changes['activate_over_remove']} |",
+        ]
     return "\n".join(lines) + "\n"
 
 
