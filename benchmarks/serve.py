@@ -257,6 +257,41 @@ def time_changes(pairs, lang, changed, repeats=5):
     }
 
 
+def time_blas(anchors, repeats=50):
+    """ASIF search milliseconds per query (one image, 10 labels) with NumPy's BLAS on 1 thread and on all.
+
+    The search of a small collection (k >= N / 4) is one dense NumPy product: random unit anchors with the
+    default encoders' dimensions (1280 image, 384 text), k=800; interleaved, medians over `repeats`.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from keras_clip_it.models.asif_index import AnchorIndex
+
+    rng = np.random.default_rng(0)
+
+    def unit(count, dim):
+        rows = rng.standard_normal((count, dim), dtype=np.float32)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    cases = [(AnchorIndex(unit(anchors, 1280)), unit(1, 1280)), (AnchorIndex(unit(anchors, 384)), unit(10, 384))]
+    timings = {"blas_1_thread": [], "blas_all_threads": []}
+    for _ in range(repeats):
+        for name, limit in (("blas_1_thread", 1), ("blas_all_threads", None)):
+            with threadpool_limits(limit, user_api="blas"):
+                start = time.perf_counter()
+                for index, queries in cases:
+                    index.topk(queries, min(800, anchors))
+                timings[name].append((time.perf_counter() - start) * 1000)
+    medians = {f"{name}_ms": round(float(np.median(values)), 2) for name, values in timings.items()}
+    return {
+        "anchors": anchors,
+        **medians,
+        "all_threads_over_1_thread": round(medians["blas_all_threads_ms"] / medians["blas_1_thread_ms"], 1),
+        "cpus": os.cpu_count(),
+        "load_average": round(os.getloadavg()[0], 1),
+    }
+
+
 def summarize(levels):
     """Per client count: medians over rounds of the measured figures (ratios taken within each round)."""
     singles = {level["round"]: level["requests_per_s"] for level in levels if level["clients"] == 1}
@@ -309,10 +344,28 @@ def main():
         "--change-pairs", type=int, default=100_000, help="collection size for timing changes (0: skip)"
     )
     parser.add_argument("--changed", type=int, default=10, help="pairs added and removed per timed change")
+    parser.add_argument(
+        "--blas", action="store_true", help="only time the ASIF search with BLAS on 1 thread and on all (serve_blas.*)"
+    )
     parser.add_argument("--prepare", help=argparse.SUPPRESS)  # internal: build the --pairs collection here
     args = parser.parse_args()
     if args.prepare:
         return prepare_subset(args.lang, args.pairs, args.prepare)
+    if args.blas:
+        blas = time_blas(1874)
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(os.path.join(RESULTS, "serve_blas.json"), "w") as handle:
+            json.dump(blas, handle, indent=1)
+        text = (
+            "# ASIF search per request (1 image, 10 labels, k=800) with NumPy's BLAS threads\n\n"
+            f"{blas['anchors']:,} random unit anchors, {blas['cpus']} CPUs, load average {blas['load_average']}; "
+            "median ms over 50 interleaved repeats.\n\n"
+            "| BLAS on 1 thread | BLAS on all threads | all / 1 |\n| ---: | ---: | ---: |\n"
+            f"| {blas['blas_1_thread_ms']} | {blas['blas_all_threads_ms']} | {blas['all_threads_over_1_thread']} |\n"
+        )
+        with open(os.path.join(RESULTS, "serve_blas.md"), "w") as handle:
+            handle.write(text)
+        return print(text)
     if 1 not in args.clients:
         parser.error("--clients must include 1: every ratio is against one client")
     collection = None

@@ -9,8 +9,7 @@ The server runs on the backend that served the most requests per second in bench
 where the backends run side by side (--backend picks another). Keras fixes its backend when first
 imported, so `serve` restarts itself with KERAS_BACKEND set when the running one differs. NumPy's BLAS
 runs on one thread: the server's parallelism is across requests, and BLAS threads spinning against the
-encoder's threads on a small machine made the ASIF search ~7x slower (1.9k anchors: 5.5 ms against
-0.75 ms per query under load).
+encoder's threads made the ASIF search 2x slower on 2 cores (benchmarks/results/serve_blas.md).
 """
 
 import os
