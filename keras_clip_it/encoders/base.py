@@ -132,6 +132,7 @@ class EncoderMixin:
 
     @property
     def trainable(self):
+        """Keras's `trainable`; setting it forgets the cached fingerprint."""
         return keras.layers.Layer.trainable.fget(self)
 
     @trainable.setter
