@@ -34,9 +34,14 @@ def padded_batch_size(count, batch_size):
     return min(size, batch_size)
 
 
+# Config keys that do not change what an encoder computes: layer names differ between instances, and
+# freezing an encoder (ASIF, LiT, a server) must not orphan the embeddings stored for it.
+_NOT_COMPUTATION = ("name", "trainable")
+
+
 def _strip_names(value):
     if isinstance(value, dict):
-        return {key: _strip_names(item) for key, item in value.items() if key != "name"}
+        return {key: _strip_names(item) for key, item in value.items() if key not in _NOT_COMPUTATION}
     if isinstance(value, (list, tuple)):
         return [_strip_names(item) for item in value]
     return value
@@ -50,8 +55,9 @@ class EncoderMixin:
         """A stable hex digest of the encoder's architecture and weights.
 
         Collections store embeddings per fingerprint, so embeddings from different encoders (or from the
-        same architecture with other weights, e.g. after fine-tuning) are never mixed. Layer names are
-        left out: they change between instances without changing what the encoder computes.
+        same architecture with other weights, e.g. after fine-tuning) are never mixed. Layer names and
+        `trainable` flags are left out: they change between instances (or when an encoder is frozen for
+        ASIF or LiT) without changing what the encoder computes.
 
         Hashing every weight takes hundreds of milliseconds for a 100M-parameter encoder, so the digest
         is cached while the weights provably have not changed. On JAX a variable's value is an immutable

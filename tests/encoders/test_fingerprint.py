@@ -88,6 +88,16 @@ def test_changes_after_one_training_step():
     assert after != before and after == reference_digest(encoder)
 
 
+def test_freezing_alone_keeps_it():
+    # ASIF, LiT and the server freeze encoders: embeddings stored for the unfrozen encoder must still match.
+    encoder = tiny_encoder()
+    before = encoder.fingerprint
+    encoder.trainable = False
+    assert encoder.fingerprint == before
+    encoder.trainable = True
+    assert encoder.fingerprint == before
+
+
 def test_unfreezing_training_and_freezing_again_changes_it():
     encoder = tiny_encoder()
     encoder.trainable = False
