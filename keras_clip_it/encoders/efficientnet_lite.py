@@ -425,6 +425,7 @@ def _save_cache(encoder, cache, stamp):
             json.dump(manifest, handle)
         os.replace(temporary, cache + ".json")
     except OSError as error:
+        warnings.warn(f"could not cache converted weights in {folder} ({error}); the next load converts again", stacklevel=3)
+    finally:  # whatever failed, no half-written file is left in the cache folder
         if temporary is not None and os.path.exists(temporary):
             os.remove(temporary)
-        warnings.warn(f"could not cache converted weights in {folder} ({error}); the next load converts again", stacklevel=3)
