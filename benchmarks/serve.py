@@ -50,6 +50,7 @@ CONFIGS = {
     "jax-batch4": ("jax", 4, 1),
     "jax-batch1": ("jax", 1, 1),
     "jax-batch4-workers2": ("jax", 4, 2),
+    "jax-batch8": ("jax", 8, 1),
     "tensorflow-batch4": ("tensorflow", 4, 1),
     "tensorflow-batch4-workers2": ("tensorflow", 4, 2),
     "tensorflow-batch1": ("tensorflow", 1, 1),
@@ -344,6 +345,7 @@ def main():
         "--change-pairs", type=int, default=100_000, help="collection size for timing changes (0: skip)"
     )
     parser.add_argument("--changed", type=int, default=10, help="pairs added and removed per timed change")
+    parser.add_argument("--output", default="serve", help="results name: benchmarks/results/OUTPUT.json and .md")
     parser.add_argument(
         "--blas", action="store_true", help="only time the ASIF search with BLAS on 1 thread and on all (serve_blas.*)"
     )
@@ -385,6 +387,7 @@ def main():
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "rounds": args.rounds,
         "configs": {},
+        "output": args.output,
     }
     servers = {}
     try:
@@ -441,9 +444,9 @@ def write(results):
                 "8_clients_p99_at_most_3x_p50": by_clients[8]["p99_over_p50"] <= 3.0,
             }
     results["targets"] = targets
-    with open(os.path.join(RESULTS, "serve.json"), "w") as handle:
+    with open(os.path.join(RESULTS, f"{results['output']}.json"), "w") as handle:
         json.dump(results, handle, indent=1)
-    with open(os.path.join(RESULTS, "serve.md"), "w") as handle:
+    with open(os.path.join(RESULTS, f"{results['output']}.md"), "w") as handle:
         handle.write(markdown(results))
     print(markdown(results), flush=True)
 
