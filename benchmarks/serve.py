@@ -20,8 +20,10 @@ changed): the indexes follow the change) against activating a collection of the 
 built from scratch, what every change cost when the server copied the collection), in-process on random
 unit embeddings.
 
-    python benchmarks/serve.py                            # default configurations, whole emoji-it
+    python benchmarks/serve.py                            # default configurations, whole emoji-it (serve.*)
     python benchmarks/serve.py --pairs 256 --rounds 1     # 256 training pairs, quicker
+    python benchmarks/serve.py --configs jax-batch4 jax-batch8 --output serve_jax_batch --change-pairs 0
+    python benchmarks/serve.py --blas                     # ASIF search with BLAS on 1 thread and on all (serve_blas.*)
 """
 
 import argparse
