@@ -62,7 +62,7 @@ class EncoderMixin:
         Hashing every weight takes hundreds of milliseconds for a 100M-parameter encoder, so the digest
         is cached while the weights provably have not changed. On JAX a variable's value is an immutable
         array replaced by every assignment, so the cache is keyed on the identities of the current
-        arrays (`predict_on_batch`, which re-wraps them without changing them, carries the key over). On
+        arrays (`predict_on_batch` reads them without replacing them). On
         other backends variables change in place: the digest is cached only while the encoder has no
         trainable weight, and `set_weights`, `load_weights` and setting `trainable` forget it (assigning
         a frozen variable directly with `variable.assign` there is not noticed). Reads, predictions and
@@ -105,22 +105,37 @@ class EncoderMixin:
         return None if self.trainable_weights else ()
 
     def predict_on_batch(self, x):
-        """Keras's `predict_on_batch`, serialised with fingerprint reads and weight changes of this encoder.
+        """Keras's `predict_on_batch`; on JAX, one compiled inference that leaves the weights in place.
 
-        Keras on JAX donates the weight arrays to each prediction and installs the returned ones, so a
-        concurrent reader of the weights could find them deleted; predicting leaves them unchanged, so the
-        cached fingerprint follows them to the new arrays.
+        Keras on JAX donates the weight arrays to each prediction and installs the returned ones, which
+        costs a copy of every weight per call and forbids two predictions of one encoder at once. Here the
+        compiled function (one per input shape) reads the current weight arrays and returns only the
+        outputs, so concurrent calls from several threads (a server's workers) run side by side and the
+        cached fingerprint stays valid. The first call for a new input shape compiles under this encoder's
+        lock; an encoder that is not built yet takes Keras's own path.
         """
-        if keras.backend.backend() != "jax":
+        if keras.backend.backend() != "jax" or not self.built:
             return super().predict_on_batch(x)
         state = _state(self)
+        shapes = keras.tree.map_structure(lambda value: (np.shape(value), str(np.asarray(value).dtype)), x)
+        signature = f"{len(self.trainable_variables)} {shapes}"
         with state.lock:
-            before = state.digest
-            still_valid = before is not None and _same(before[1], self._weights_token())
-            outputs = super().predict_on_batch(x)
-            if still_valid:
-                state.digest = (before[0], self._weights_token(), before[2])
-            return outputs
+            if state.inference is None:
+                import jax
+
+                encoder = weakref.ref(self)  # the state is a weak-keyed value: it must not keep the encoder alive
+
+                def inference(trainable, non_trainable, inputs):
+                    return encoder().stateless_call(trainable, non_trainable, inputs, training=False)[0]
+
+                state.inference = jax.jit(inference)
+            function = state.inference
+            values = ([v.value for v in self.trainable_variables], [v.value for v in self.non_trainable_variables])
+            if signature not in state.compiled:
+                outputs = function(*values, x)  # traces and compiles once, never concurrently
+                state.compiled.add(signature)
+                return keras.tree.map_structure(np.asarray, outputs)
+        return keras.tree.map_structure(np.asarray, function(*values, x))
 
     def set_weights(self, weights):
         """Keras's `set_weights`; forgets the cached fingerprint."""
@@ -188,6 +203,8 @@ class _FingerprintState:
     def __init__(self):
         self.lock = threading.RLock()
         self.digest = None  # (config json, weights token, hex digest)
+        self.inference = None  # JAX: the jitted inference function
+        self.compiled = set()  # JAX: input signatures it has compiled
 
 
 def _state(encoder):
