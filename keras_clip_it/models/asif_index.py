@@ -408,7 +408,7 @@ class AnchorIndex:
             for offset in range(0, self._slots, self.block):
                 stop = min(offset + self.block, self._slots)
                 stored, scales = self._store.slice(offset, stop)
-                scores = batch @ stored.astype(np.float32).T
+                scores = batch @ stored.astype(np.float32, copy=False).T
                 if scales is not None:
                     scores *= scales
                 if self._row_of_slot is not None:
