@@ -49,7 +49,12 @@ def register(subparsers):
     parser.add_argument(
         "--encoder-batch", type=int, default=4, help="most images one encoder call gathers from concurrent requests"
     )
-    parser.add_argument("--encoder-workers", type=int, default=1, help="encoder calls that may run at once")
+    parser.add_argument(
+        "--encoder-workers",
+        type=int,
+        default=None,
+        help="encoder calls that may run at once (default: 2 on JAX, whose predictions run side by side, else 1)",
+    )
     parser.add_argument("--warm-up", action="store_true", help="compile every image batch size before serving")
     parser.add_argument(
         "--backend",
@@ -184,7 +189,7 @@ def run(args):
         limits=limits,
         allow_uris=args.allow_uris,
         encoder_batch=args.encoder_batch,
-        encoder_workers=args.encoder_workers,
+        encoder_workers=args.encoder_workers or (2 if args.backend == "jax" else 1),
         warm_up=args.warm_up,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
