@@ -1,0 +1,194 @@
+"""Exact top-k with int8 anchors in memory: screen with the codes, rescore a few rows read from float32.
+
+int8 anchors take a quarter of the bytes of float32, but a top-k computed from them is not the float32
+top-k: on random unit vectors the best and second-best anchors are often closer than int8's score error,
+and the nearest anchor differs from float32's for ~2% of queries. `RefinedIndex` gets the exact float32
+answer anyway, the way FAISS's IndexRefine and ScaNN's reordering do: the int8 `AnchorIndex` is what stays
+in memory, the float32 rows stay where the collection stores them (usually a memory-mapped `.npy`
+segment) and only the rows of a few candidates per query are read from them.
+
+The result is certified, not just likely. With x an anchor, s c its int8 codes times its scale and r =
+|x - s c| its residual norm (kept per anchor, 4 bytes), Cauchy-Schwarz gives |q.x - q.(s c)| <= |q| r.
+The int8 index returns the K best int8 scores; any other anchor scores at most the K-th of them plus
+|q| max(r) in float32. Among the K candidates, only those whose upper bound reaches the k-th largest lower
+bound can be in the top k: those rows are read and scored exactly. If the k-th exact score beats every
+other anchor's upper bound, the top k is exact; otherwise the query is screened again with K doubled.
+The bound holds for any float32 rows, so results are exact with respect to `exact_rows` even when the
+int8 codes came from other rows (they are then only slower).
+"""
+
+import math
+import threading
+
+import numpy as np
+
+from keras_clip_it.models.asif_index import AnchorIndex
+
+_FLOAT32_EPS = 2.0**-24
+
+
+class RefinedIndex:
+    """An int8 `AnchorIndex` whose top-k is made exact by rescoring candidates against float32 rows.
+
+    Memory holds the int8 index and one float32 residual norm per anchor (1,288 bytes per 1280-d anchor:
+    0.252x float32); the float32 rows are read only for the candidates each query rescores (for k = 800 on
+    100k random 1280-d anchors, about 2k rows per query; benchmarks/asif.py). Results equal a dense float32
+    computation over `exact_rows` (ties within float32 rounding excepted).
+
+    The index is a snapshot: after the collection changes, build a new one from the updated int8 index
+    and rows.
+
+    Args:
+        index: an `AnchorIndex` over the anchors, usually `dtype="int8"` (any dtype works).
+        exact_rows: float32 array-like (N, D) in the index's row order, e.g. `np.load(path, mmap_mode="r")`
+            or `collection.embeddings(kind, fingerprint)` of a collection opened from a local directory
+            (memory-mapped). Read once here (to compute residual norms), then only at candidate rows.
+        chunk: rows per step when computing the residual norms (bounds the temporaries).
+
+    Example:
+    >>> rng = np.random.default_rng(0)
+    >>> anchors = rng.standard_normal((2000, 64)).astype("float32")
+    >>> anchors /= np.linalg.norm(anchors, axis=1, keepdims=True)
+    >>> refined = RefinedIndex(AnchorIndex(anchors, dtype="int8"), anchors)
+    >>> values, rows = refined.topk(anchors[:3], k=5)
+    >>> rows[:, 0].tolist()
+    [0, 1, 2]
+    >>> bool(np.allclose(values, np.sort(anchors[:3] @ anchors.T, axis=1)[:, ::-1][:, :5], atol=1e-6))
+    True
+    """
+
+    def __init__(self, index, exact_rows, chunk=8192):
+        if not isinstance(index, AnchorIndex):
+            raise TypeError(f"index must be an AnchorIndex (e.g. AnchorIndex(rows, dtype='int8')), got {type(index).__name__}")
+        if not (hasattr(exact_rows, "shape") and hasattr(exact_rows, "dtype") and hasattr(exact_rows, "__getitem__")):
+            raise TypeError(
+                "exact_rows must be an array-like with shape, dtype and row indexing (np.ndarray, np.memmap, "
+                f"collection.embeddings(...)), got {type(exact_rows).__name__}"
+            )
+        if tuple(exact_rows.shape) != (index.size, index.dim):
+            raise ValueError(
+                f"exact_rows has shape {tuple(exact_rows.shape)} but the index holds {index.size} anchors of "
+                f"{index.dim} dims: pass the float32 rows the index was built from, in the same row order"
+            )
+        if np.dtype(exact_rows.dtype) != np.float32:
+            raise ValueError(
+                f"exact_rows must be float32, got {np.dtype(exact_rows.dtype)}: the refined scores are float32 "
+                "scores; store the rows as float32 (a float32 collection segment, or rows.astype('float32'))"
+            )
+        self.index = index
+        self.exact_rows = exact_rows
+        self.size, self.dim = index.size, index.dim
+        self._take = (lambda rows: np.take(exact_rows, rows, axis=0)) if isinstance(exact_rows, np.ndarray) else (
+            lambda rows: np.asarray(exact_rows[rows], np.float32)
+        )
+        self.residual_norms, self._max_stored_norm, self._max_exact_norm = self._residuals(chunk)
+        self.max_residual = float(self.residual_norms.max())
+        self._lock = threading.Lock()
+        self._widths = {}  # k -> candidates per query to screen first
+        self.rows_read = 0
+        self.queries_answered = 0
+
+    def _residuals(self, chunk):
+        """Per-row |x - s c| (float32, rounded up), and the largest |s c| and |x| (for rounding bounds)."""
+        stored, scales = self.index.stored, self.index.scales
+        residuals = np.empty(self.size, np.float32)
+        max_stored = max_exact = 0.0
+        for start in range(0, self.size, chunk):
+            stop = min(start + chunk, self.size)
+            dequantised = stored[start:stop].astype(np.float64)
+            if scales is not None:
+                dequantised *= scales[start:stop, None]
+            exact = np.asarray(self.exact_rows[start:stop], np.float64)
+            norms = np.sqrt(np.einsum("ij,ij->i", exact - dequantised, exact - dequantised))
+            # float32 rounding up, so the stored norm never understates the float64 one.
+            residuals[start:stop] = np.nextafter(norms.astype(np.float32), np.float32(np.inf))
+            max_stored = max(max_stored, math.sqrt(np.einsum("ij,ij->i", dequantised, dequantised).max()))
+            max_exact = max(max_exact, math.sqrt(np.einsum("ij,ij->i", exact, exact).max()))
+        return residuals, max_stored, max_exact
+
+    @property
+    def nbytes(self):
+        """Bytes kept in memory per the stored anchors: the index's codes and scales plus the residual norms."""
+        return self.index.nbytes + self.residual_norms.nbytes
+
+    def topk(self, queries, k, batch_size=256):
+        """The k largest inner products of each query with `exact_rows`, exactly, as `AnchorIndex.topk`.
+
+        Args:
+            queries: float array (Q, D).
+            k: number of anchors per query (at most N).
+            batch_size: queries per int8 scan.
+
+        Returns:
+            (values float32 (Q, k) in decreasing order, rows int64 (Q, k)).
+        """
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be (Q, {self.dim}), got shape {queries.shape}")
+        k = int(k)
+        if not 1 <= k <= self.size:
+            raise ValueError(f"k must be between 1 and the number of anchors ({self.size}), got {k}")
+        values = np.empty((len(queries), k), np.float32)
+        rows = np.empty((len(queries), k), np.int64)
+        pending = np.arange(len(queries))
+        # Candidates per query: what most queries of the last search with this k needed (an uncertified
+        # query is screened again with twice as many, which costs a whole scan).
+        width = min(self.size, self._widths.get(k, 2 * k + 16))
+        read, needed = 0, []
+        while pending.size:
+            done = np.zeros(pending.size, bool)
+            for start in range(0, pending.size, batch_size):
+                batch = pending[start : start + batch_size]
+                got_values, got_rows, need, batch_read = self._refine(queries[batch], k, width)
+                certified = need <= width
+                values[batch[certified]], rows[batch[certified]] = got_values[certified], got_rows[certified]
+                done[start : start + len(batch)] = certified
+                read += batch_read
+                needed.append(need[certified])
+            pending = pending[~done]
+            width = min(self.size, 2 * width)
+        needed = np.concatenate(needed)
+        self._widths[k] = int(min(self.size, max(k + 1, 1.1 * np.percentile(needed, 95))))
+        with self._lock:
+            self.rows_read += read
+            self.queries_answered += len(queries)
+        return values, rows
+
+    def _refine(self, queries, k, width):
+        """One screening of `width` candidates and the exact rescoring of those that can be in the top k.
+
+        Rows are read in two steps: the k best screened candidates first, whose k-th exact score is a
+        lower bound of the final k-th; then only the other candidates whose upper bound reaches it.
+
+        Returns:
+            (values (Q, k), rows (Q, k), needed int (Q,), rows read): `needed` is the number of candidates
+            the certificate needs (<= width when the query's result is certified exact, width + 1 when not).
+        """
+        screened, candidates = self.index.topk(queries, width, batch_size=len(queries))
+        q_norm = np.linalg.norm(queries.astype(np.float64), axis=1)
+        # Float32 rounding of both the int8 scores and the exact ones (|error| <= ~D eps |q| |a| each).
+        rounding = 1.01 * (self.dim + 2) * _FLOAT32_EPS * q_norm * (self._max_stored_norm + self._max_exact_norm)
+        upper = screened + (q_norm[:, None] * self.residual_norms[candidates] + rounding[:, None])
+        values = np.empty((len(queries), k), np.float32)
+        rows = np.empty((len(queries), k), np.int64)
+        needed = np.empty(len(queries), np.int64)
+        read = 0
+        for i, query in enumerate(queries):
+            # In row order the reads go through the file (or memory) front to back.
+            first = np.sort(candidates[i, :k])
+            exact = self._take(first) @ query
+            more = k + np.flatnonzero(upper[i, k:] >= exact.min())
+            if more.size:
+                second = np.sort(candidates[i, more])
+                first, exact = np.concatenate([first, second]), np.concatenate([exact, self._take(second) @ query])
+                order = np.argsort(first, kind="stable")
+                first, exact = first[order], exact[order]
+            order = np.argsort(-exact, kind="stable")[:k]
+            values[i], rows[i] = exact[order], first[order]
+            read += len(first)
+            # Every anchor outside the candidates screens at most the last candidate's score.
+            floor = values[i, -1] - q_norm[i] * self.max_residual - rounding[i]
+            needed[i] = min(width, np.searchsorted(-screened[i], -floor, side="right") + 1)
+            if width < self.size and screened[i, -1] >= floor:
+                needed[i] = width + 1
+        return values, rows, needed, read
