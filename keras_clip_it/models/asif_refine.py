@@ -25,15 +25,17 @@ import numpy as np
 from keras_clip_it.models.asif_index import AnchorIndex
 
 _FLOAT32_EPS = 2.0**-24
+# One anchor in OUTLIERS, the one with the largest residual, is kept in float32.
+OUTLIERS = 1024
 
 
 class RefinedIndex:
     """An int8 `AnchorIndex` whose top-k is made exact by rescoring candidates against float32 rows.
 
-    Memory holds the int8 index and one float32 residual norm per anchor (1,288 bytes per 1280-d anchor:
-    0.252x float32); the float32 rows are read only for the candidates each query rescores (for k = 800 on
-    100k random 1280-d anchors, about 2k rows per query; benchmarks/asif.py). Results equal a dense float32
-    computation over `exact_rows` (ties within float32 rounding excepted).
+    Memory holds the int8 index, one float32 residual norm per anchor and the float32 rows of the 1 in
+    1,024 anchors with the largest residuals (1,293 bytes per 1280-d anchor: 0.253x float32); the other
+    float32 rows are read only for the candidates each query rescores (benchmarks/asif.py counts them).
+    Results equal a dense float32 computation over `exact_rows` (ties within float32 rounding excepted).
 
     The index is a snapshot: after the collection changes, build a new one from the updated int8 index
     and rows.
@@ -82,7 +84,17 @@ class RefinedIndex:
             lambda rows: np.asarray(exact_rows[rows], np.float32)
         )
         self.residual_norms, self._max_stored_norm, self._max_exact_norm = self._residuals(chunk)
-        self.max_residual = float(self.residual_norms.max())
+        # The anchors with the largest residuals (1 in 1,024) stay in memory in float32 and are scored
+        # exactly for every query: the bound for all other anchors, which sets how many candidates a query
+        # screens, is then their largest residual (on random 1280-d anchors 0.011 instead of 0.014).
+        count = self.size // OUTLIERS
+        self.outliers = np.sort(np.argpartition(-self.residual_norms, count - 1)[:count]) if count else (
+            np.zeros(0, np.int64)
+        )
+        self._outlier_rows = np.ascontiguousarray(self._take(self.outliers), np.float32).reshape(-1, self.dim)
+        inliers = np.ones(self.size, bool)
+        inliers[self.outliers] = False
+        self.max_residual = float(self.residual_norms[inliers].max()) if inliers.any() else 0.0
         self._lock = threading.Lock()
         self._widths = {}  # k -> candidates per query to screen first
         self.rows_read = 0
@@ -106,10 +118,17 @@ class RefinedIndex:
             max_exact = max(max_exact, math.sqrt(np.einsum("ij,ij->i", exact, exact).max()))
         return residuals, max_stored, max_exact
 
+    def _exact(self, rows, query):
+        """Exact scores of one query against `rows` (sorted), read from the float32 rows."""
+        # einsum runs on this thread: a threaded BLAS matrix-vector product per query measured 2.5x slower
+        # on 2 shared cores (waking and syncing its threads costs more than the product).
+        return np.einsum("md,d->m", self._take(rows), query)
+
     @property
     def nbytes(self):
-        """Bytes kept in memory per the stored anchors: the index's codes and scales plus the residual norms."""
-        return self.index.nbytes + self.residual_norms.nbytes
+        """Bytes kept in memory per the stored anchors: the index's codes and scales, the residual norms and
+        the float32 rows of the outliers."""
+        return self.index.nbytes + self.residual_norms.nbytes + self._outlier_rows.nbytes + self.outliers.nbytes
 
     def topk(self, queries, k, batch_size=256):
         """The k largest inner products of each query with `exact_rows`, exactly, as `AnchorIndex.topk`.
@@ -169,23 +188,30 @@ class RefinedIndex:
         # Float32 rounding of both the int8 scores and the exact ones (|error| <= ~D eps |q| |a| each).
         rounding = 1.01 * (self.dim + 2) * _FLOAT32_EPS * q_norm * (self._max_stored_norm + self._max_exact_norm)
         upper = screened + (q_norm[:, None] * self.residual_norms[candidates] + rounding[:, None])
+        # Outliers are scored exactly for every query, never read as candidates.
+        outlier_scores = queries @ self._outlier_rows.T
+        upper[np.isin(candidates, self.outliers)] = -np.inf
         values = np.empty((len(queries), k), np.float32)
         rows = np.empty((len(queries), k), np.int64)
         needed = np.empty(len(queries), np.int64)
         read = 0
         for i, query in enumerate(queries):
             # In row order the reads go through the file (or memory) front to back.
-            first = np.sort(candidates[i, :k])
-            exact = self._take(first) @ query
-            more = k + np.flatnonzero(upper[i, k:] >= exact.min())
+            first = np.sort(candidates[i, :k][upper[i, :k] > -np.inf])
+            read += len(first)
+            chosen = np.concatenate([first, self.outliers])
+            exact = np.concatenate([self._exact(first, query), outlier_scores[i]])
+            # k rows scored: their k-th score is a lower bound of the final k-th, which no other candidate
+            # whose upper bound is below it can reach.
+            kth = -np.partition(-exact, k - 1)[k - 1]
+            more = k + np.flatnonzero(upper[i, k:] >= kth)
             if more.size:
                 second = np.sort(candidates[i, more])
-                first, exact = np.concatenate([first, second]), np.concatenate([exact, self._take(second) @ query])
-                order = np.argsort(first, kind="stable")
-                first, exact = first[order], exact[order]
-            order = np.argsort(-exact, kind="stable")[:k]
-            values[i], rows[i] = exact[order], first[order]
-            read += len(first)
+                read += len(second)
+                chosen, exact = np.concatenate([chosen, second]), np.concatenate([exact, self._exact(second, query)])
+            # Ties go to the lowest row, as in a stable sort of dense scores.
+            order = np.lexsort((chosen, -exact))[:k]
+            values[i], rows[i] = exact[order], chosen[order]
             # Every anchor outside the candidates screens at most the last candidate's score.
             floor = values[i, -1] - q_norm[i] * self.max_residual - rounding[i]
             needed[i] = min(width, np.searchsorted(-screened[i], -floor, side="right") + 1)

@@ -101,11 +101,14 @@ def test_memmap_rows_of_a_stored_collection(tmp_path):
 def test_resident_bytes():
     rng = np.random.default_rng(5)
     for dim in (384, 1280):
-        anchors = unit(rng.standard_normal((1000, dim)))
+        anchors = unit(rng.standard_normal((4096, dim)))
         refined = RefinedIndex(AnchorIndex(anchors, dtype="int8"), anchors)
-        # Codes (1 byte per dim), scale and residual norm (float32 each) per anchor.
-        assert refined.nbytes == 1000 * (dim + 8)
+        # Codes (1 byte per dim), scale and residual norm (float32 each) per anchor, and the float32 rows
+        # (and row numbers) of the 4 anchors with the largest residuals.
+        assert refined.nbytes == 4096 * (dim + 8) + 4 * (4 * dim + 8)
         assert refined.nbytes / anchors.nbytes <= 0.26
+        np.testing.assert_array_equal(np.sort(np.argsort(-refined.residual_norms)[:4]), refined.outliers)
+        assert refined.max_residual == np.sort(refined.residual_norms)[-5]
 
 
 def test_bad_exact_rows_are_refused_with_what_to_do():
