@@ -28,6 +28,7 @@ pairs out of 1M updates its index in O(10k), and the first query after the chang
 costs.
 """
 
+import bisect
 import copy
 import functools
 import math
@@ -36,6 +37,8 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from keras_clip_it.collections.memory import prefault
 
 DTYPES = ("float32", "float16", "int8")
 # Anchors per block of the scan: large enough to keep the GEMM efficient and the group-max top-k cheap,
@@ -97,7 +100,9 @@ class AnchorIndex:
         # Blocks of equal size, at most the requested one: a last block mostly empty would cost a full product.
         blocks = max(1, -(-count // self._block_request))
         self.block = _round_up(max(16, -(-count // blocks)), 16 * devices)
+        store.reserve(count // 16 + 1024)
         self._store = store
+        self._spare_block = _SpareBlock()
         self.size = self._slots = count
         # Row <-> slot tables, None while every slot holds its own row (no removal since the layout).
         self._row_of_slot = self._slot_of_row = None
@@ -110,38 +115,48 @@ class AnchorIndex:
 
         Works one block at a time so that preparing 1.5M anchors never holds a second full-size copy.
         The error terms of the certificate (`max_residual`, `max_norm`) grow with the new anchors.
+
+        On one CPU device a block's host arrays are the device's arrays (`_to_device` places aligned
+        arrays without a copy), so filling the free slots of the last block writes only the new rows,
+        in place: every index that shares the block masks those slots (bias -inf) until its own bias,
+        a fresh copy of 4 bytes per slot, admits them. The first change written after an index claims
+        its block's free slots (`_Partial.claim`); a second change from the same index copies the block.
         """
         blocks = list(self._blocks)
-        screen_dtype = np.int8 if self.dtype == "int8" else jnp.bfloat16
         for offset in range(start - start % self.block, stop, self.block):
             number = offset // self.block
             lo, hi = max(start, offset), min(stop, offset + self.block)
             if number < len(blocks):
-                # A partial block keeps its host arrays: copying them beats fetching the device's.
-                values, scales, bias = (np.array(array) for array in blocks[number][5] or blocks[number][:3])
+                values_device, scales_device, bias, _, _, (partial, bias) = blocks[number]
+                bias = _aligned_copy(bias)
+                if not partial.claim(lo - offset, hi - offset):
+                    partial = partial.copy(hi - offset)
             else:
-                values = np.zeros((self.block, self.dim), screen_dtype)
-                scales = np.zeros(self.block, np.float32)
-                bias = np.full(self.block, -np.inf, np.float32)
+                values, scales = self._spare_block.take(self.block, self.dim, self.dtype == "int8")
+                partial = _Partial(values, scales, hi - offset)
+                bias = _aligned_full(self.block, -np.inf)
             for first, stored, stored_scales in self._store.pieces(lo, hi):
+                at = first - offset
                 exact = _decompress(stored, stored_scales)
                 if self.dtype == "int8":
-                    chunk, chunk_scales = stored, stored_scales
-                    residual = exact - chunk.astype(np.float32) * chunk_scales[:, None]
+                    # The codes are screened as stored: no rounding residual.
+                    partial.values[at : at + len(stored)] = stored
+                    partial.scales[at : at + len(stored)] = stored_scales
+                    norm = _max_row_norm(exact)
                 else:
-                    chunk, chunk_scales = _to_bfloat16(exact), 1.0
-                    residual = exact - chunk.astype(np.float32)
-                self.max_residual = max(self.max_residual, math.sqrt(np.einsum("ij,ij->i", residual, residual).max()))
-                self.max_norm = max(self.max_norm, math.sqrt(np.einsum("ij,ij->i", exact, exact).max()))
-                at = first - offset
-                values[at : at + len(chunk)] = chunk
-                scales[at : at + len(chunk)] = chunk_scales
+                    residual, norm = _screen_bfloat16(exact, partial.values[at : at + len(stored)])
+                    partial.scales[at : at + len(stored)] = 1.0
+                    self.max_residual = max(self.max_residual, residual)
+                self.max_norm = max(self.max_norm, norm)
             bias[lo - offset : hi - offset] = 0.0
-            host = (values, scales, bias) if hi - offset < self.block else None
-            entry = (
-                _to_device(values, self.mesh), _to_device(scales, self.mesh), _to_device(bias, self.mesh), offset,
-                hi - offset, host,
-            )
+            if number < len(blocks) and partial.shared:
+                values, scales = values_device, scales_device
+            else:
+                values, scales = _to_device(partial.values, self.mesh), _to_device(partial.scales, self.mesh)
+                partial.shared = _shares_memory(values, partial.values) and _shares_memory(scales, partial.scales)
+            entry = (values, scales, _to_device(bias, self.mesh), offset, hi - offset, None)
+            if hi - offset < self.block:
+                entry = entry[:5] + ((partial, bias),)
             if number < len(blocks):
                 blocks[number] = entry
             else:
@@ -149,6 +164,9 @@ class AnchorIndex:
         # Transfers run asynchronously: wait, so the change is done when this returns (not in a query).
         jax.block_until_ready([entry[:3] for entry in blocks[start // self.block :]])
         self._blocks = blocks
+        if self.block - blocks[-1][4] < stop - start:
+            # The next change of this size needs a new block: have one ready, its pages mapped.
+            self._spare_block.prepare(self.block, self.dim, self.dtype == "int8")
 
     # === Changes ===
 
@@ -216,9 +234,9 @@ class AnchorIndex:
         numbers = slots // self.block
         for number in np.unique(numbers).tolist():
             values, scales, bias, offset, filled, host = blocks[number]
-            bias = np.array(bias if host is None else host[2])
+            bias = _aligned_copy(bias if host is None else host[1])
             bias[slots[numbers == number] - offset] = -np.inf
-            host = None if host is None else (host[0], host[1], bias)
+            host = None if host is None else (host[0], bias)
             blocks[number] = (values, scales, _to_device(bias, self.mesh), offset, filled, host)
         jax.block_until_ready([blocks[number][2] for number in np.unique(numbers).tolist()])
         new._blocks = blocks
@@ -465,7 +483,8 @@ class _Store:
 
     def take(self, slots):
         """Rows at `slots` (int array of any shape) -> (values, scales or None), gathered."""
-        values, scales = list(self.values), None if self.scales is None else list(self.scales)
+        used = bisect.bisect_left(self.starts, self.used)  # segments holding rows; the others are spare
+        values, scales = self.values[:used], None if self.scales is None else self.scales[:used]
         if len(values) == 1:
             # `take` gathers rows ~2x faster than fancy indexing.
             return np.take(values[0], slots, axis=0), None if scales is None else np.take(scales[0], slots)
@@ -480,29 +499,100 @@ class _Store:
                 out_scales[inside] = scales[number][slots[inside] - starts[number]]
         return out, out_scales
 
+    @property
+    def capacity(self):
+        return self.starts[-1] + len(self.values[-1])
+
+    def reserve(self, rows):
+        """Adds a segment of `rows` spare slots, its pages mapped in the background."""
+        values = np.empty((rows,) + self.values[0].shape[1:], self.values[0].dtype)
+        scales = None if self.scales is None else np.empty(rows, np.float32)
+        prefault(values)
+        if scales is not None:
+            prefault(scales)
+        self.starts.append(self.capacity)
+        self.values.append(values)
+        if scales is not None:
+            self.scales.append(scales)
+
     def write(self, at, stored, scales):
-        """Writes rows at slot `at` onward; returns the store now holding them (this one or a copy)."""
+        """Writes rows at slot `at` onward; returns the store now holding them (this one or a copy).
+
+        When fewer spare slots remain than were just written, a segment of 1/16 of the anchors is
+        reserved for the next changes and mapped ahead (`memory.prefault`), so that the next append of
+        a similar size writes into memory the system has already mapped.
+        """
         with self.lock:
             # Slots below `at` never change: a second writer may share them, not what follows.
             target = self if self.used == at else _Store(*self.slice(0, at), used=at)
-            count, start, last = len(stored), target.starts[-1], target.values[-1]
-            head = min(count, start + len(last) - at)
-            last[at - start : at - start + head] = stored[:head]
-            if scales is not None:
-                target.scales[-1][at - start : at - start + head] = scales[:head]
-            if count > head:
-                # Spare rows for the next appends: 1/16 of the anchors, as a growing list would keep.
-                capacity = count - head + (at + count) // 16 + 1024
-                values = np.empty((capacity,) + stored.shape[1:], stored.dtype)
-                values[: count - head] = stored[head:]
+            count = len(stored)
+            if target.capacity < at + count:
+                target.reserve(at + count - target.capacity + (at + count) // 16 + 1024)
+            for first, values, part_scales in target.pieces(at, at + count):
+                values[...] = stored[first - at : first - at + len(values)]
                 if scales is not None:
-                    more = np.empty(capacity, np.float32)
-                    more[: count - head] = scales[head:]
-                    target.scales.append(more)
-                target.values.append(values)
-                target.starts.append(at + head)
+                    part_scales[...] = scales[first - at : first - at + len(values)]
             target.used = at + count
+            if target.capacity - target.used < count:
+                target.reserve(count + target.used // 16 + 1024)
             return target
+
+
+class _SpareBlock:
+    """The host arrays of one screening block, allocated (and mapped in the background) before a change
+    needs a new block; shared by an index and the indexes derived from it, the first change takes it."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.arrays = None
+
+    def take(self, block, dim, codes):
+        """(values, scales) zeros for a new block: the prepared ones if they fit, else new ones."""
+        with self.lock:
+            arrays, self.arrays = self.arrays, None
+        if arrays is None or arrays[0].shape != (block, dim) or (arrays[0].dtype == np.int8) != codes:
+            arrays = _aligned_zeros((block, dim), np.int8 if codes else jnp.bfloat16), _aligned_zeros(block, np.float32)
+        return arrays
+
+    def prepare(self, block, dim, codes):
+        with self.lock:
+            if self.arrays is not None:
+                return
+            self.arrays = _aligned_zeros((block, dim), np.int8 if codes else jnp.bfloat16), _aligned_zeros(block, np.float32)
+            for array in self.arrays:
+                prefault(array)
+
+
+class _Partial:
+    """The host arrays of a block with free slots, and how far changes have written into them.
+
+    Shared by an index and the indexes derived from it, like `_Store`: each one's bias masks the slots
+    after its own, so rows written there change nothing it computes. `shared` tells whether the device
+    arrays are these very arrays (one CPU device): rows written here are then on the device as well.
+
+    Args:
+        values: (block, D) bfloat16 values or int8 codes, zero in unwritten slots.
+        scales: (block,) float32 scales.
+        written: slots [0, written) that the creating change writes.
+    """
+
+    def __init__(self, values, scales, written):
+        self.values, self.scales = values, scales
+        self.written = written
+        self.shared = False
+        self.lock = threading.Lock()
+
+    def claim(self, lo, hi):
+        """Takes slots [lo, hi) for one change if no other change wrote from `lo` on; tells whether it did."""
+        with self.lock:
+            if self.written != lo:
+                return False
+            self.written = hi
+            return True
+
+    def copy(self, written):
+        """An unshared copy, for a change whose slots another change already wrote."""
+        return _Partial(_aligned_copy(self.values), _aligned_copy(self.scales), written)
 
 
 class _Candidates:
@@ -597,11 +687,69 @@ def _padded_count(count):
     return max(8, 1 << (count - 1).bit_length())
 
 
-def _to_bfloat16(values):
-    """float32 -> bfloat16 with round-to-nearest-even on the bit pattern (ml_dtypes' cast is ~10x slower)."""
+def _screen_bfloat16(values, out, chunk=256):
+    """Writes float32 `values` (n, D) rounded to bfloat16 into `out`; returns the certificate's error terms.
+
+    Rounds half away from zero on the bit pattern (two integer operations; to-nearest-even would take
+    five and changes nothing the certificate needs, since the residual is measured). `chunk` rows at a
+    time, so every intermediate stays in cache.
+
+    Returns:
+        (largest row norm of the rounding residual, largest row norm of `values`).
+    """
     bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
-    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    return rounded.astype(np.uint16).view(jnp.bfloat16)
+    out = out.view(np.uint16)
+    rounded = np.empty((min(chunk, len(bits)), bits.shape[1]), np.uint32)
+    residual = np.empty(rounded.shape, np.float32)
+    worst = largest = 0.0
+    for start in range(0, len(bits), chunk):
+        part = bits[start : start + chunk]
+        kept, error = rounded[: len(part)], residual[: len(part)]
+        np.add(part, 0x8000, out=kept)
+        kept &= 0xFFFF0000
+        exact = part.view(np.float32)
+        np.subtract(exact, kept.view(np.float32), out=error)
+        worst = max(worst, float(np.einsum("ij,ij->i", error, error).max()))
+        largest = max(largest, float(np.einsum("ij,ij->i", exact, exact).max()))
+        np.right_shift(kept, 16, out=kept)
+        out[start : start + len(part)] = kept
+    return math.sqrt(worst), math.sqrt(largest)
+
+
+def _max_row_norm(values):
+    return math.sqrt(float(np.einsum("ij,ij->i", values, values).max())) if len(values) else 0.0
+
+
+def _aligned_zeros(shape, dtype, alignment=64):
+    """Zeros whose data start on an `alignment`-byte boundary, so `_to_device` can place them without a copy.
+
+    Large ones come from calloc: their pages are mapped when first written, not now.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(nbytes + alignment, np.uint8)
+    skip = -raw.ctypes.data % alignment
+    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
+
+
+def _aligned_copy(array):
+    array = np.asarray(array)
+    out = _aligned_zeros(array.shape, array.dtype)
+    out[...] = array
+    return out
+
+
+def _aligned_full(count, value):
+    out = _aligned_zeros(count, np.float32)
+    out[:] = value
+    return out
+
+
+def _shares_memory(device_array, host_array):
+    """Whether a single-device array is `host_array`'s memory (a zero-copy placement on CPU)."""
+    if len(device_array.devices()) != 1:
+        return False
+    return device_array.unsafe_buffer_pointer() == host_array.ctypes.data
 
 
 def _compress(anchors, dtype, chunk=65536):
@@ -637,8 +785,9 @@ def _decompress(stored, scales):
 
 
 def _to_device(array, mesh):
-    """Places a host array on the device(s); the caller never changes `array` afterwards (on CPU the
-    device array may share its memory). `device_put` is ~4x faster than `jnp.asarray` for bfloat16."""
+    """Places a host array on the device(s). On CPU an aligned array (`_aligned_zeros`) is not copied:
+    the device array is that memory, so a caller changes only what no computation reads (masked slots).
+    `device_put` is ~4x faster than `jnp.asarray` for bfloat16."""
     if mesh is None:
         return jax.device_put(array)
     spec = jax.sharding.PartitionSpec(mesh.axis_names[0])
@@ -720,7 +869,9 @@ def follow(index, collection, kind, fingerprint, version):
     for change, rows in changes:
         if change == "add":
             present = rows >= 0
-            if present.all():
+            if len(rows) and rows[0] >= 0 and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
+                anchors = embeddings[rows[0] : rows[0] + len(rows)]  # the usual case, rows in order: no copy
+            elif present.all():
                 anchors = embeddings[rows]
             else:
                 # Pairs removed again by a later change need no embedding: that change removes their rows.

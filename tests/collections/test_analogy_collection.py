@@ -158,3 +158,36 @@ def test_changes_since_reports_current_rows_of_additions():
         ("add", [6, -1, 8]), ("add", [1, 7]), ("remove", [1, 7])
     ]
     assert col.changes_since(col.version) == []
+
+
+def test_additions_copy_the_buffer_only_when_it_doubles():
+    col = AnalogyCollection()
+    ids, captions, embeddings = _pairs(1000, dim=8)
+    col.add(ids, embeddings={"image": embeddings["image"]})
+    buffer = col._embeddings[("image", "img")]
+    assert len(buffer) >= 2000  # reserved, not yet written: address space, not memory
+    added = [embeddings["image"]["img"]]
+    for start in range(1000, 1900, 100):  # 900 rows more: no copy, the same buffer keeps filling
+        ids, captions, more = _pairs(100, start=start, dim=8)
+        col.add(ids, embeddings={"image": more["image"]})
+        added.append(more["image"]["img"])
+        assert col._embeddings[("image", "img")] is buffer
+    ids, captions, more = _pairs(200, start=1900, dim=8)
+    col.add(ids, embeddings={"image": more["image"]})
+    added.append(more["image"]["img"])
+    assert col._embeddings[("image", "img")] is not buffer and len(col._embeddings[("image", "img")]) >= 4200
+    np.testing.assert_array_equal(col.embeddings("image", "img"), np.concatenate(added))
+
+
+def test_prefault_keeps_what_the_rows_hold():
+    from keras_clip_it.collections import memory
+
+    buffer = np.empty((100_000, 64), np.float32)
+    buffer[:50_000] = np.arange(50_000, dtype=np.float32)[:, None]
+    memory.prefault(buffer[10_000:])
+    buffer[60_000:70_000] = 7.0  # written while the pages are being mapped
+    memory.wait()
+    np.testing.assert_array_equal(buffer[:50_000, 0], np.arange(50_000))
+    assert (buffer[60_000:70_000] == 7.0).all()
+    with pytest.raises(ValueError, match="contiguous"):
+        memory.prefault(buffer[:, :10])

@@ -250,3 +250,69 @@ def test_queries_during_changes_see_one_published_index():
         want_values, want_rows = dense_topk(queries, states[number], 10)
         np.testing.assert_allclose(values, want_values, atol=2e-6)
         np.testing.assert_array_equal(rows, want_rows)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_appends_write_the_last_block_in_place_and_a_second_change_copies_it(dtype):
+    rng = np.random.default_rng(9)
+    anchors, queries = unit(rng.standard_normal((1000, 16))), unit(rng.standard_normal((6, 16)))
+    base = AnchorIndex(anchors, dtype=dtype, block=256)
+    assert base._blocks[-1][4] == 1000 - 3 * base.block  # a partial last block
+    before = base.topk(queries, 20)
+    first, second = unit(rng.standard_normal((10, 16))), unit(rng.standard_normal((10, 16)))
+    one = base.append(first)
+    # One CPU device: the device block is the host array, so only the new rows were written.
+    assert one._blocks[-1][0] is base._blocks[-1][0] and one._blocks[-1][2] is not base._blocks[-1][2]
+    two = base.append(second)  # the same free slots again: this change gets its own copy of the block
+    assert two._blocks[-1][0] is not base._blocks[-1][0]
+    for index, added in ((one, first), (two, second), (base, anchors[:0])):
+        full = np.concatenate([anchors, added])
+        rebuilt = AnchorIndex(full, dtype=dtype, block=256)
+        got, want = index.topk(queries, 20), rebuilt.topk(queries, 20)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(base.topk(queries, 20)[1], before[1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_many_small_changes_equal_a_rebuild(dtype):
+    """Appends that fill blocks, spill into prepared spare blocks and store segments, with removals between."""
+    rng = np.random.default_rng(10)
+    anchors, queries = unit(rng.standard_normal((700, 12))), unit(rng.standard_normal((9, 12)))
+    index, changes, size = AnchorIndex(anchors, dtype=dtype, block=128), [], 700
+    first = index
+    for step in range(30):
+        if step % 3 == 2:
+            change = ("remove", rng.choice(size, 15, replace=False))
+            size -= 15
+        else:
+            change = ("add", unit(rng.standard_normal((int(rng.integers(20, 90)), 12))))
+            size += len(change[1])
+        changes.append(change)
+        index = index.append(change[1]) if change[0] == "add" else index.remove(change[1])
+    final = mirrored(anchors, changes)
+    rebuilt = AnchorIndex(final, dtype=dtype, block=index.block)
+    assert index.size == len(final) and len(index._store.values) > 2
+    np.testing.assert_array_equal(index.stored, rebuilt.stored)
+    got, want = index.topk(queries, 25), rebuilt.topk(queries, 25)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+    assert_same_topk(got, dense_topk(queries, dequantised(rebuilt), 25), dequantised(rebuilt), queries)
+    np.testing.assert_array_equal(first.topk(queries, 25)[1], AnchorIndex(anchors, dtype=dtype, block=128).topk(queries, 25)[1])
+
+
+def test_screening_rounds_to_bfloat16_and_measures_its_error():
+    import ml_dtypes
+
+    from keras_clip_it.models.asif_index import _screen_bfloat16
+
+    rng = np.random.default_rng(11)
+    values = rng.standard_normal((1000, 40)).astype(np.float32)
+    out = np.zeros((1000, 40), ml_dtypes.bfloat16)
+    residual, norm = _screen_bfloat16(values, out, chunk=96)
+    rounded = out.astype(np.float32)
+    # Within half a unit in the last place of bfloat16 (8 significant bits), as the nearest value is.
+    assert np.all(np.abs(rounded - values) <= np.abs(values) * 2.0**-8)
+    assert np.mean(rounded == values.astype(ml_dtypes.bfloat16).astype(np.float32)) > 0.999
+    assert residual == pytest.approx(np.linalg.norm(values - rounded, axis=1).max(), rel=1e-6)
+    assert norm == pytest.approx(np.linalg.norm(values, axis=1).max(), rel=1e-6)
