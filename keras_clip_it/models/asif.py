@@ -328,13 +328,7 @@ class ASIF(keras.Model):
 
     def _relative(self, derived, embeddings, kind):
         version, index = self._index_state(derived, kind)
-        embeddings = _normalize(embeddings)
-        k = min(self.k, index.size)
-        similarities, rows = index.topk(embeddings, k)
-        weights = np.maximum(similarities, 0.0) ** self.p
-        norms = np.linalg.norm(weights, axis=1, keepdims=True)
-        weights = np.where(norms > 0, weights / np.maximum(norms, 1e-30), 0.0).astype(np.float32)
-        return RelativeRepresentation(rows, weights, index.size, version, derived.collection.uid)
+        return relative_representation(index, embeddings, self.k, self.p, version, derived.collection.uid)
 
     def encode_images(self, images=None, embeddings=None):
         """Sparse relative representations of images (or of their precomputed `embeddings`).
@@ -595,6 +589,38 @@ class _Kept:
                 if keep is None or uid != keep.uid:
                     del self._states[uid]
             return derived
+
+
+def relative_representation(index, embeddings, k, p, version, collection=None):
+    """ASIF's sparse relative representations of `embeddings` against the anchors of `index`.
+
+    Each row keeps its `k` largest similarities to the anchors (negatives clipped to 0), raised to the
+    power `p` and L2-normalised. `ASIF.relative` calls it on the model's current index; a server that
+    keeps its own snapshots of indexes calls it on theirs, so both compute the same thing.
+
+    Args:
+        index: an `AnchorIndex`.
+        embeddings: float (n, D) embeddings (L2-normalised here).
+        k: int, anchors kept per row (at most the index size).
+        p: float, exponent.
+        version: the collection version the index reflects (recorded in the result).
+        collection: the collection's `uid`, or None.
+
+    Returns:
+        A `RelativeRepresentation`.
+
+    Example:
+    >>> from keras_clip_it.models.asif_index import AnchorIndex
+    >>> index = AnchorIndex(np.eye(3, dtype="float32"))
+    >>> rep = relative_representation(index, np.array([[1.0, 1.0, 0.0]]), k=2, p=1.0, version=0)
+    >>> rep.indices.tolist(), [round(float(v), 3) for v in rep.values[0]]
+    ([[0, 1]], [0.707, 0.707])
+    """
+    similarities, rows = index.topk(_normalize(embeddings), min(int(k), index.size))
+    weights = np.maximum(similarities, 0.0) ** p
+    norms = np.linalg.norm(weights, axis=1, keepdims=True)
+    weights = np.where(norms > 0, weights / np.maximum(norms, 1e-30), 0.0).astype(np.float32)
+    return RelativeRepresentation(rows, weights, index.size, version, collection)
 
 
 def sparse_inner(left, right):
