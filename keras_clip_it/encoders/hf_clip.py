@@ -1,8 +1,9 @@
-"""Hugging Face CLIP and VisionTextDualEncoder (CLIP-Italian) checkpoints on keras-hub layers.
+"""CLIP's towers, and Hugging Face CLIP and VisionTextDualEncoder (CLIP-Italian) checkpoints loaded into them.
 
-keras-hub ships CLIP towers but no converter from Hugging Face's CLIP format, and its towers fix the
-layer-norm epsilon; `CLIPVisionTower` and `CLIPTextTower` take it from the checkpoint's config, so that
-every size, activation and epsilon comes from the config rather than being assumed.
+keras-hub ships CLIP towers but no converter from Hugging Face's CLIP format, its towers fix the
+layer-norm epsilon, and they train slowly on CPU (see `clip_layers`). `CLIPVisionTower` and
+`CLIPTextTower` compute the same function with kci's layers and take every size, activation and epsilon
+from the checkpoint's config rather than assuming them.
 
 Supported `model_type`s:
 - "clip" (openai/clip-vit-*, laion CLIP in HF format): both towers, projections, logit scale, the BPE
@@ -17,8 +18,10 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
-from keras_hub.src.models.clip.clip_text_encoder import CLIPTextEncoder
-from keras_hub.src.models.clip.clip_vision_encoder import CLIPVisionEncoder
+from keras_hub.models import Backbone
+
+from keras_clip_it.encoders.clip_layers import CLIPBlock
+from keras_clip_it.encoders.clip_layers import CLIPPatchEmbedding
 
 from keras_clip_it.encoders.hf_weights import CheckpointError
 from keras_clip_it.encoders.hf_weights import StateDictLoader
@@ -35,48 +38,180 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 
 
-def _set_layer_norm_epsilon(model, epsilon):
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.LayerNormalization):
-            layer.epsilon = epsilon
+@keras.saving.register_keras_serializable(package="keras_clip_it")
+class CLIPVisionTower(Backbone):
+    """CLIP's vision transformer: patches and class token, a pre-norm, blocks and a final norm.
+
+    The function of keras-hub's `CLIPVisionEncoder` (and of Hugging Face's `CLIPVisionModel` before
+    pooling), built from `clip_layers` so that training runs as plain matrix products on CPU (see
+    `keras_clip_it.encoders.clip_layers`), with the checkpoint's layer-norm epsilon. Returns the token
+    sequence (B, 1 + patches, hidden_dim); `ImageEncoder(pooling="cls")` takes the class token.
+
+    Args:
+        patch_size: side of a square patch in pixels.
+        hidden_dim: width of the tokens.
+        num_layers: number of transformer blocks.
+        num_heads: attention heads per block.
+        intermediate_dim: width of the MLPs.
+        intermediate_activation: "quick_gelu" (OpenAI CLIP), "gelu" or "relu".
+        image_shape: (size, size, 3) of the normalised input images.
+        layer_norm_epsilon: epsilon of every layer norm (Hugging Face's `layer_norm_eps`).
+        dtype: dtype policy of the layers.
+
+    Example:
+    >>> tower = CLIPVisionTower(8, 16, num_layers=2, num_heads=2, intermediate_dim=32, image_shape=(32, 32, 3))
+    >>> tower(np.zeros((1, 32, 32, 3), "float32")).shape
+    (1, 17, 16)
+    """
+
+    def __init__(
+        self,
+        patch_size,
+        hidden_dim,
+        num_layers,
+        num_heads,
+        intermediate_dim,
+        intermediate_activation="quick_gelu",
+        image_shape=(224, 224, 3),
+        layer_norm_epsilon=1e-5,
+        dtype=None,
+        **kwargs,
+    ):
+        if image_shape[0] != image_shape[1]:
+            raise ValueError(f"CLIPVisionTower takes square images, got image_shape={tuple(image_shape)}")
+        epsilon = float(layer_norm_epsilon)
+
+        # === Layers ===
+        self.embedding = CLIPPatchEmbedding(hidden_dim, patch_size, image_shape[0], dtype=dtype, name="embedding")
+        self.pre_layer_norm = keras.layers.LayerNormalization(epsilon=epsilon, dtype=dtype, name="pre_layer_norm")
+        self.encoder_layers = [
+            CLIPBlock(hidden_dim, num_heads, intermediate_dim, intermediate_activation,
+                      layer_norm_epsilon=epsilon, dtype=dtype, name=f"encoder_block_{index}")
+            for index in range(num_layers)
+        ]
+        self.layer_norm = keras.layers.LayerNormalization(epsilon=epsilon, dtype=dtype, name="layer_norm")
+
+        # === Functional Model ===
+        images = keras.Input(shape=tuple(image_shape), name="images")
+        x = self.pre_layer_norm(self.embedding(images))
+        for block in self.encoder_layers:
+            x = block(x)
+        super().__init__(inputs={"images": images}, outputs=self.layer_norm(x), dtype=dtype, **kwargs)
+
+        # === Config ===
+        self.patch_size = int(patch_size)
+        self.hidden_dim = int(hidden_dim)
+        self.num_layers = int(num_layers)
+        self.num_heads = int(num_heads)
+        self.intermediate_dim = int(intermediate_dim)
+        self.intermediate_activation = intermediate_activation
+        self.image_shape = tuple(image_shape)
+        self.layer_norm_epsilon = epsilon
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "patch_size": self.patch_size,
+            "hidden_dim": self.hidden_dim,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "intermediate_dim": self.intermediate_dim,
+            "intermediate_activation": self.intermediate_activation,
+            "image_shape": self.image_shape,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+        }
 
 
 @keras.saving.register_keras_serializable(package="keras_clip_it")
-class CLIPVisionTower(CLIPVisionEncoder):
-    """keras-hub's CLIP vision encoder with the checkpoint's layer-norm epsilon.
+class CLIPTextTower(Backbone):
+    """CLIP's causal text transformer: token and position embeddings, blocks and a final norm.
+
+    The function of keras-hub's `CLIPTextEncoder` (and of Hugging Face's `CLIPTextModel` before
+    pooling), built from `clip_layers` for fast training on CPU, with the checkpoint's layer-norm
+    epsilon (keras-hub hard-codes 1e-6 for the final norm where CLIP uses 1e-5, visible at 1e-4).
+    Returns the token sequence (B, T, hidden_dim); `TextEncoder(pooling="last")` takes the end of text.
 
     Args:
+        vocabulary_size: number of token ids.
+        embedding_dim: width of the token embeddings (CLIP: equal to `hidden_dim`).
+        hidden_dim: width of the tokens in the blocks.
+        num_layers: number of transformer blocks.
+        num_heads: attention heads per block.
+        intermediate_dim: width of the MLPs.
+        intermediate_activation: "quick_gelu" (OpenAI CLIP), "gelu" or "relu".
+        max_sequence_length: the longest token sequence (number of position embeddings).
         layer_norm_epsilon: epsilon of every layer norm (Hugging Face's `layer_norm_eps`).
-        **kwargs: the arguments of `keras_hub.models.CLIPVisionEncoder`.
+        dtype: dtype policy of the layers.
+
+    Example:
+    >>> tower = CLIPTextTower(100, 16, 16, num_layers=2, num_heads=2, intermediate_dim=32, max_sequence_length=8)
+    >>> tower({"token_ids": np.ones((1, 8), "int32")}).shape
+    (1, 8, 16)
     """
 
-    def __init__(self, *args, layer_norm_epsilon=1e-5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.layer_norm_epsilon = float(layer_norm_epsilon)
-        _set_layer_norm_epsilon(self, self.layer_norm_epsilon)
+    def __init__(
+        self,
+        vocabulary_size,
+        embedding_dim,
+        hidden_dim,
+        num_layers,
+        num_heads,
+        intermediate_dim,
+        intermediate_activation="quick_gelu",
+        max_sequence_length=77,
+        layer_norm_epsilon=1e-5,
+        dtype=None,
+        **kwargs,
+    ):
+        from keras_hub.layers import TokenAndPositionEmbedding
+
+        if embedding_dim != hidden_dim:
+            raise ValueError(f"CLIPTextTower needs embedding_dim == hidden_dim, got {embedding_dim} and {hidden_dim}")
+        epsilon = float(layer_norm_epsilon)
+
+        # === Layers ===
+        self.embedding = TokenAndPositionEmbedding(
+            vocabulary_size=vocabulary_size, sequence_length=max_sequence_length, embedding_dim=embedding_dim,
+            dtype=dtype, name="embedding",
+        )
+        self.encoder_layers = [
+            CLIPBlock(hidden_dim, num_heads, intermediate_dim, intermediate_activation,
+                      use_causal_mask=True, layer_norm_epsilon=epsilon, dtype=dtype, name=f"encoder_block_{index}")
+            for index in range(num_layers)
+        ]
+        self.layer_norm = keras.layers.LayerNormalization(epsilon=epsilon, dtype=dtype, name="layer_norm")
+
+        # === Functional Model ===
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        x = self.embedding(token_ids)
+        for block in self.encoder_layers:
+            x = block(x)
+        super().__init__(inputs={"token_ids": token_ids}, outputs=self.layer_norm(x), dtype=dtype, **kwargs)
+
+        # === Config ===
+        self.vocabulary_size = int(vocabulary_size)
+        self.embedding_dim = int(embedding_dim)
+        self.hidden_dim = int(hidden_dim)
+        self.num_layers = int(num_layers)
+        self.num_heads = int(num_heads)
+        self.intermediate_dim = int(intermediate_dim)
+        self.intermediate_activation = intermediate_activation
+        self.max_sequence_length = int(max_sequence_length)
+        self.layer_norm_epsilon = epsilon
 
     def get_config(self):
-        return {**super().get_config(), "layer_norm_epsilon": self.layer_norm_epsilon}
-
-
-@keras.saving.register_keras_serializable(package="keras_clip_it")
-class CLIPTextTower(CLIPTextEncoder):
-    """keras-hub's CLIP text encoder with the checkpoint's layer-norm epsilon.
-
-    keras-hub hard-codes 1e-6 for the final norm where CLIP uses 1e-5; the difference is visible at 1e-4.
-
-    Args:
-        layer_norm_epsilon: epsilon of every layer norm (Hugging Face's `layer_norm_eps`).
-        **kwargs: the arguments of `keras_hub.models.CLIPTextEncoder`.
-    """
-
-    def __init__(self, *args, layer_norm_epsilon=1e-5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.layer_norm_epsilon = float(layer_norm_epsilon)
-        _set_layer_norm_epsilon(self, self.layer_norm_epsilon)
-
-    def get_config(self):
-        return {**super().get_config(), "layer_norm_epsilon": self.layer_norm_epsilon}
+        return {
+            **super().get_config(),
+            "vocabulary_size": self.vocabulary_size,
+            "embedding_dim": self.embedding_dim,
+            "hidden_dim": self.hidden_dim,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "intermediate_dim": self.intermediate_dim,
+            "intermediate_activation": self.intermediate_activation,
+            "max_sequence_length": self.max_sequence_length,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+        }
 
 
 @dataclass
@@ -111,22 +246,28 @@ def _port_dense(loader, layer, key):
 
 def _port_encoder_layers(loader, layers, prefix):
     for index, block in enumerate(layers):
+        key = f"{prefix}.{index}.self_attn"
+        # One (hidden, 3 * hidden) projection from Hugging Face's separate q, k, v (out, in) matrices.
+        names = ("q_proj", "k_proj", "v_proj")
+        kernels = [loader.get_tensor(f"{key}.{name}.weight").T for name in names]
+        biases = [loader.get_tensor(f"{key}.{name}.bias") for name in names]
+        _assign(block.qkv_dense.kernel, np.concatenate(kernels, axis=1), loader, f"{key}.q_proj.weight")
+        _assign(block.qkv_dense.bias, np.concatenate(biases), loader, f"{key}.q_proj.bias")
+        _port_dense(loader, block.output_dense, f"{key}.out_proj")
         key = f"{prefix}.{index}"
-        attention = block.attention
-        for ours, theirs in [("query", "q"), ("key", "k"), ("value", "v")]:
-            dense = getattr(attention, f"{ours}_dense")
-            loader.port_weight(
-                dense.kernel, f"{key}.self_attn.{theirs}_proj.weight", hook_fn=lambda x, s: x.T.reshape(s)
-            )
-            loader.port_weight(dense.bias, f"{key}.self_attn.{theirs}_proj.bias", hook_fn=lambda x, s: x.reshape(s))
-        loader.port_weight(
-            attention.output_dense.kernel, f"{key}.self_attn.out_proj.weight", hook_fn=lambda x, s: x.T.reshape(s)
-        )
-        loader.port_weight(attention.output_dense.bias, f"{key}.self_attn.out_proj.bias")
         _port_layer_norm(loader, block.layer_norm_1, f"{key}.layer_norm1")
         _port_layer_norm(loader, block.layer_norm_2, f"{key}.layer_norm2")
         _port_dense(loader, block.dense_1, f"{key}.mlp.fc1")
         _port_dense(loader, block.dense_2, f"{key}.mlp.fc2")
+
+
+def _assign(variable, value, loader, key):
+    if tuple(value.shape) != tuple(variable.shape):
+        raise CheckpointError(
+            f"tensor {loader.prefix + key!r} and its k/v companions in {loader.source} give shape "
+            f"{tuple(value.shape)}, which does not fit the model built from the config ({tuple(variable.shape)})"
+        )
+    variable.assign(value.astype(variable.dtype))
 
 
 def _image_preprocessing(directory, image_size):
@@ -161,12 +302,10 @@ def clip_vision_encoder(directory, vision_config, loader):
         layer_norm_epsilon=vision_config.get("layer_norm_eps", 1e-5),
     )
     embedding = tower.embedding
-    loader.port_weight(embedding.patch_embedding.kernel, "embeddings.patch_embedding.weight",
+    loader.port_weight(embedding.patch_kernel, "embeddings.patch_embedding.weight",
                        hook_fn=lambda x, _: np.transpose(x, (2, 3, 1, 0)))
-    loader.port_weight(embedding.position_embedding.embeddings, "embeddings.position_embedding.weight")
+    loader.port_weight(embedding.position_embedding, "embeddings.position_embedding.weight")
     loader.port_weight(embedding.class_embedding, "embeddings.class_embedding")
-    # keras-hub keeps the position ids as a weight; newer Hugging Face files no longer store that buffer.
-    embedding.position_ids.assign(np.arange(embedding.num_positions, dtype="int32")[None])
     _port_layer_norm(loader, tower.pre_layer_norm, "pre_layrnorm")
     _port_encoder_layers(loader, tower.encoder_layers, "encoder.layers")
     _port_layer_norm(loader, tower.layer_norm, "post_layernorm")
