@@ -27,11 +27,12 @@ Three properties shape the code:
 import base64
 import binascii
 import dataclasses
+import functools
 import io
-import queue
 import re
 import threading
 from collections import OrderedDict
+from collections import deque
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -56,8 +57,9 @@ from keras_clip_it.collections.analogy_collection import AnalogyCollection
 from keras_clip_it.data.images import ImageDecodeError
 from keras_clip_it.data.images import to_rgb_array
 from keras_clip_it.encoders.base import l2_normalize
+from keras_clip_it.encoders.base import padded_batch_size
 from keras_clip_it.models.asif import UNKNOWN
-from keras_clip_it.models.asif import RelativeRepresentation
+from keras_clip_it.models.asif import relative_representation
 from keras_clip_it.models.asif import sparse_inner
 from keras_clip_it.models.asif_index import AnchorIndex
 from keras_clip_it.models.asif_index import follow
@@ -139,23 +141,23 @@ class Snapshot:
 
         The same computation as `ASIF.relative`, on this snapshot's index instead of the model's current one.
         """
-        index = self.indexes[kind]
-        similarities, rows = index.topk(l2_normalize(embeddings), min(self.k, index.size))
-        weights = np.maximum(similarities, 0.0) ** self.p
-        norms = np.linalg.norm(weights, axis=1, keepdims=True)
-        weights = np.where(norms > 0, weights / np.maximum(norms, 1e-30), 0.0).astype(np.float32)
-        return RelativeRepresentation(rows, weights, index.size, self.version)
+        return relative_representation(self.indexes[kind], embeddings, self.k, self.p, self.version)
 
 
 class _Batcher:
     """Runs `function(items) -> rows` for concurrent callers, batching whatever is waiting together.
 
-    Each of `workers` threads takes the first waiting job and the jobs queued behind it while they fit
-    in `max_items` (a single job larger than that runs alone), runs them as one call and hands each
-    caller its rows. There is no timer: a single client is never delayed, and under load the next batch
-    fills while the current one runs. With two workers, two batches run at once, which fills the cores
-    that one call leaves idle (small convolutions do not split over threads); the encoder orders the
-    calls itself where its backend needs it.
+    Each of `workers` threads takes the waiting jobs in order while they fit in `max_items` (a single
+    job larger than that runs alone), runs them as one call and hands each caller its rows. There is no
+    timer: a single client is never delayed, and under load the next batch fills while the current one
+    runs. With two workers, two batches run at once, which fills the cores that one call leaves idle
+    (small convolutions do not split over threads); the encoder orders the calls itself where its
+    backend needs it.
+
+    The encoders pad every batch to a power of two up to their batch size (`padded_batch_size`), and a
+    padded row costs as much as a real one, so a worker takes the longest run of waiting jobs that
+    fills such a size exactly and leaves the rest to the next free worker: three waiting images run as
+    two and one, not as four with one of padding.
     """
 
     def __init__(self, function, max_items, workers=1):
@@ -166,7 +168,9 @@ class _Batcher:
         self.workers = int(workers)
         if self.workers < 1:
             raise ValueError(f"encoder_workers must be a positive integer, got {workers}")
-        self._jobs = queue.Queue()
+        self._jobs = deque()
+        self._ready = threading.Condition()
+        self._stopping = False
         self._threads = []
         self._start_lock = threading.Lock()
 
@@ -175,7 +179,9 @@ class _Batcher:
             raise ValueError("nothing to embed")
         self._start()
         future = Future()
-        self._jobs.put((items, future))
+        with self._ready:
+            self._jobs.append((items, future))
+            self._ready.notify()
         return future.result()
 
     def _start(self):
@@ -186,34 +192,40 @@ class _Batcher:
                 self._threads.append(thread)
 
     def stop(self):
+        """Runs the jobs already waiting, then ends the workers (a later call starts them again)."""
         with self._start_lock:
-            for _ in self._threads:
-                self._jobs.put(None)
+            with self._ready:
+                self._stopping = True
+                self._ready.notify_all()
             for thread in self._threads:
                 thread.join()
             self._threads = []
+            self._stopping = False
+
+    def _take(self):
+        """The next batch of jobs, or None when stopping with nothing left to run."""
+        with self._ready:
+            while not self._jobs:
+                if self._stopping:
+                    return None
+                self._ready.wait()
+            count, fits, exact = 0, 0, 1
+            for items, _ in self._jobs:
+                if fits and count + len(items) > self.max_items:
+                    break
+                count, fits = count + len(items), fits + 1
+                if padded_batch_size(count, self.max_items) == count:
+                    exact = fits
+            batch = [self._jobs.popleft() for _ in range(exact)]
+            if self._jobs:
+                self._ready.notify()  # another worker may take what is left
+            return batch
 
     def _run(self):
-        carried = None  # a job that did not fit in the previous batch: it starts the next one
         while True:
-            job = carried if carried is not None else self._jobs.get()
-            carried = None
-            if job is None:
+            jobs = self._take()
+            if jobs is None:
                 return
-            jobs, count = [job], len(job[0])
-            while count < self.max_items:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._jobs.put(None)  # stop after this batch
-                    break
-                if count + len(job[0]) > self.max_items:
-                    carried = job  # a batch larger than max_items would run a shape never warmed up
-                    break
-                jobs.append(job)
-                count += len(job[0])
             try:
                 rows = self._function([item for items, _ in jobs for item in items])
             except Exception as error:  # hand the error to every caller of the batch
@@ -260,6 +272,7 @@ class Service:
         if not self.is_asif and not hasattr(model, "encode_images"):
             raise TypeError(f"create_app serves a kci.ASIF or a kci.DualEncoder, got {type(model).__name__}")
         self.model = model
+        self._prepare_image = model.image_encoder.preprocess
         self._write_lock = threading.Lock()
         self._label_lock = threading.Lock()
         self._labels = OrderedDict()
@@ -273,7 +286,10 @@ class Service:
             # every read (seconds for multilingual-e5-small), and changes must cost O(pairs changed).
             self.fingerprints = {"image": model.image_encoder.fingerprint, "text": model.text_encoder.fingerprint}
             # Each encoder orders its own predictions, so the two workers need no common lock.
-            self._embed_images = _Batcher(model.image_encoder.embed, encoder_batch, encoder_workers)
+            # Images run in batches of at most encoder_batch, the sizes warm_up compiles, however many a
+            # request brings.
+            embed_images = functools.partial(model.image_encoder.embed, batch_size=int(encoder_batch))
+            self._embed_images = _Batcher(embed_images, encoder_batch, encoder_workers)
             self._embed_texts = _Batcher(model.text_encoder.embed, encoder_batch, encoder_workers)
             for collection in collections or ():
                 self._register(self._load(collection, trusted=True) if isinstance(collection, str) else collection)
@@ -287,7 +303,8 @@ class Service:
             # Both towers belong to one Keras model, whose predictions must not overlap (on JAX they
             # replace its weight arrays).
             lock = threading.Lock()
-            self._embed_images = _Batcher(_holding(lock, model.encode_images), encoder_batch)
+            encode_images = functools.partial(model.encode_images, batch_size=int(encoder_batch))
+            self._embed_images = _Batcher(_holding(lock, encode_images), encoder_batch)
             self._embed_texts = _Batcher(_holding(lock, model.encode_texts), encoder_batch)
             self.snapshot = Snapshot(None, None)
 
@@ -445,7 +462,11 @@ class Service:
         return cached[1]
 
     def decode_images(self, images, field):
-        """Base64 strings -> uint8 (H, W, 3) arrays, refusing bombs before decoding and naming the bad item."""
+        """Base64 strings -> the image tower's uint8 inputs (H, W, 3), refusing bombs before decoding.
+
+        Decoding and resizing run here, in the request's thread, so concurrent requests prepare their
+        images side by side (PIL releases the GIL) and the encoder workers only stack and predict.
+        """
         arrays = []
         for index, text in enumerate(images):
             where = f"{field}[{index}]"
@@ -478,7 +499,7 @@ class Service:
                     "resize it before sending",
                 )
             try:
-                arrays.append(to_rgb_array(data, index))
+                arrays.append(self._prepare_image(to_rgb_array(data, index))[0])
             except ImageDecodeError as error:
                 raise ApiError(422, "invalid_image", f"{where}: {error}") from None
             except Exception as error:  # a decoder failing in a way images.py does not name

@@ -114,3 +114,30 @@ def test_concurrent_requests_with_new_labels_embed_them_once(encoders):
     assert all(answer["predictions"] == answers[0]["predictions"] for answer in answers)
     service._embed_texts = embed
     service.stop()
+
+
+def test_batches_fill_the_padded_sizes_exactly():
+    """Three waiting images run as two and one: the encoders would pad three to four."""
+    started, release, sizes = threading.Event(), threading.Event(), []
+
+    def embed(items):
+        sizes.append(len(items))
+        started.set()
+        release.wait(10)
+        return np.asarray(items, np.float32)[:, None]
+
+    batcher = _Batcher(embed, max_items=4)
+    first = threading.Thread(target=batcher, args=([0],))
+    first.start()
+    started.wait(10)  # the worker is busy: the next jobs queue up behind it
+    waiting = [threading.Thread(target=batcher, args=([number],)) for number in (1, 2, 3)]
+    for thread in waiting:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(batcher._jobs) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for thread in [first, *waiting]:
+        thread.join()
+    batcher.stop()
+    assert sizes == [1, 2, 1]
