@@ -32,6 +32,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -88,7 +89,9 @@ def prepare_subset(lang, pairs, path):
     collection.save(path)
 
 
-def start_server(lang, backend, encoder_batch, encoder_workers, log_path, timeout, collection=None):
+def start_server(lang, backend, encoder_batch, encoder_workers, log_path, timeout, collection=None, source=None):
+    """Starts `keras-clip-it serve` and waits for its health check; `source`: a folder whose keras_clip_it
+    package runs instead of the installed one (a reference version)."""
     port = free_port()
     command = [
         sys.executable,
@@ -112,7 +115,11 @@ def start_server(lang, backend, encoder_batch, encoder_workers, log_path, timeou
     log = open(log_path, "w")
     # Compiled XLA programs are kept on disk, so a second JAX server does not compile them again.
     environment = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "kci-serve-jax-cache"))
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    if source:
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=source or os.getcwd()
+    )
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     while time.monotonic() - started < timeout:
@@ -154,9 +161,93 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_level(url, clients, bodies, seconds, pid=None):
-    """`clients` threads send `bodies` (each its share, in turn) back to back for `seconds` (at least one
-    request each); returns throughput, latency percentiles and statuses."""
+# wrk (https://github.com/wg/wrk) sends prepared requests from a C event loop: a few milliseconds of CPU
+# for a whole level, so the server gets the machine's cores instead of sharing them with its clients.
+WRK_SCRIPT = """
+local requests = {}
+local turn = 0
+function init(args)
+  for line in io.lines(args[1]) do
+    requests[#requests + 1] = wrk.format("POST", "/v1/classify", {["Content-Type"] = "application/json"}, line)
+  end
+  turn = tonumber(args[2]) % #requests
+end
+function request()
+  turn = turn % #requests + 1
+  return requests[turn]
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests": %d, "duration_us": %d, "status_errors": %d, "socket_errors": %d, ' ..
+    '"p50_us": %d, "p99_us": %d}\\n', summary.requests, summary.duration, e.status,
+    e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def run_level(url, clients, bodies, seconds, pid=None, client="wrk"):
+    """`clients` concurrent connections send `bodies` back to back for `seconds`; returns throughput,
+    latency percentiles, errors, and the CPU time of the server and of the load generator.
+
+    `client` is "wrk" (one wrk thread holding `clients` connections, rotating through the bodies) or
+    "python" (one thread per client with its own httpx connection, each sending its share of the bodies).
+    """
+    cpu_start = cpu_seconds(pid) if pid else None
+    if client == "wrk":
+        level = _run_wrk(url, clients, bodies, seconds)
+    else:
+        level = _run_python(url, clients, bodies, seconds)
+    cpu = None if cpu_start is None else cpu_seconds(pid) - cpu_start
+    wall, requests, client_cpu = level.pop("wall"), level["requests"], level.pop("client_cpu_s")
+    return {
+        "clients": clients,
+        "client": client,
+        "requests": requests,
+        "seconds": round(wall, 2),
+        "requests_per_s": round(requests / wall, 3),
+        **level,
+        "load_average": round(os.getloadavg()[0], 1),
+        # CPU time per request of the server and of the load generator, and the cores each kept busy.
+        "server_cpu_ms_per_request": None if cpu is None else round(1000 * cpu / requests, 1),
+        "server_cores_busy": None if cpu is None else round(cpu / wall, 2),
+        "client_cpu_ms_per_request": round(1000 * client_cpu / requests, 2),
+        "client_cores_busy": round(client_cpu / wall, 2),
+    }
+
+
+def _run_wrk(url, clients, bodies, seconds):
+    with tempfile.TemporaryDirectory() as folder:
+        script, lines = os.path.join(folder, "classify.lua"), os.path.join(folder, "bodies.jsonl")
+        with open(script, "w") as handle:
+            handle.write(WRK_SCRIPT)
+        with open(lines, "w") as handle:
+            handle.writelines(json.dumps(body) + "\n" for body in bodies)
+        command = ["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "600s", "-s", script]
+        process = subprocess.Popen(
+            [*command, url, "--", lines, str(len(bodies) // 2)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        start = time.perf_counter()
+        # wait4 returns the rusage of this child alone (the servers are children too, still running).
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        output = process.stdout.read().decode()
+        process.stdout.close()
+        process.stderr.close()
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"wrk failed with status {process.returncode}: {output}")
+    summary = json.loads(output.strip().splitlines()[-1])
+    return {
+        "wall": summary["duration_us"] / 1e6 or wall,
+        "requests": summary["requests"],
+        "p50_ms": round(summary["p50_us"] / 1000, 1),
+        "p99_ms": round(summary["p99_us"] / 1000, 1),
+        "errors": summary["status_errors"] + summary["socket_errors"],
+        "client_cpu_s": usage.ru_utime + usage.ru_stime,
+    }
+
+
+def _run_python(url, clients, bodies, seconds):
     latencies, statuses = [], []
     lock = threading.Lock()
     shares = [bodies[i::clients] or bodies for i in range(clients)]
@@ -180,24 +271,18 @@ def run_level(url, clients, bodies, seconds, pid=None):
     for thread in threads:
         thread.start()
     barrier.wait()
-    start, cpu_start = time.perf_counter(), cpu_seconds(pid)
+    start, cpu_start = time.perf_counter(), time.process_time()  # this process runs nothing but the clients now
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
-    cpu = None if cpu_start is None else cpu_seconds(pid) - cpu_start
     latencies = np.asarray(latencies) * 1000
     return {
-        "clients": clients,
+        "wall": wall,
         "requests": len(latencies),
-        "seconds": round(wall, 2),
-        "requests_per_s": round(len(latencies) / wall, 3),
         "p50_ms": round(float(np.percentile(latencies, 50)), 1),
         "p99_ms": round(float(np.percentile(latencies, 99)), 1),
         "errors": int(sum(status != 200 for status in statuses)),
-        "load_average": round(os.getloadavg()[0], 1),
-        # The server's CPU time per request, and how many of the machine's cores it kept busy on average.
-        "server_cpu_ms_per_request": None if cpu is None else round(1000 * cpu / len(latencies), 1),
-        "server_cores_busy": None if cpu is None else round(cpu / wall, 2),
+        "client_cpu_s": time.process_time() - cpu_start,
     }
 
 
@@ -322,6 +407,8 @@ def summarize(levels):
                 "load_average": median("load_average"),
                 "server_cpu_ms_per_request": median("server_cpu_ms_per_request"),
                 "server_cores_busy": median("server_cores_busy"),
+                "client_cpu_ms_per_request": median("client_cpu_ms_per_request"),
+                "client_cores_busy": median("client_cores_busy"),
             }
         )
     return summary
@@ -351,6 +438,17 @@ def main():
     parser.add_argument(
         "--blas", action="store_true", help="only time the ASIF search with BLAS on 1 thread and on all (serve_blas.*)"
     )
+    parser.add_argument(
+        "--client",
+        choices=["auto", "wrk", "python"],
+        default="auto",
+        help="load generator: wrk (auto: when installed) or Python threads with httpx",
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="GIT_REF",
+        help="also serve the first configuration with the keras_clip_it of this git revision, side by side",
+    )
     parser.add_argument("--prepare", help=argparse.SUPPRESS)  # internal: build the --pairs collection here
     args = parser.parse_args()
     if args.prepare:
@@ -372,6 +470,9 @@ def main():
         return print(text)
     if 1 not in args.clients:
         parser.error("--clients must include 1: every ratio is against one client")
+    client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "python")
+    if client == "wrk" and not shutil.which("wrk"):
+        parser.error("--client wrk: wrk is not installed (apt-get install wrk), or use --client python")
     collection = None
     if args.pairs:
         collection = os.path.join(tempfile.gettempdir(), f"kci-serve-emoji-{args.lang}-{args.pairs}")
@@ -388,16 +489,32 @@ def main():
         "request": "1 emoji PNG, 10 labels, templates '{}-short'".format(args.lang),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "rounds": args.rounds,
+        "client": client,
         "configs": {},
         "output": args.output,
     }
+    runs = [(name, *CONFIGS[name], None) for name in args.configs]
     servers = {}
+    with tempfile.TemporaryDirectory() as reference:
+        if args.reference:
+            archive = subprocess.run(["git", "archive", args.reference, "keras_clip_it"], capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", reference], input=archive.stdout, check=True)
+            runs.append((f"{args.configs[0]}@{args.reference}", *CONFIGS[args.configs[0]], reference))
+        measure(args, runs, servers, results, collection, client)
+    if args.change_pairs:
+        results["changes"] = time_changes(args.change_pairs, args.lang, args.changed)
+        print("changes", json.dumps(results["changes"]), flush=True)
+        write(results)
+
+
+def measure(args, runs, servers, results, collection, client):
+    """Starts a server per run (name, backend, encoder batch, workers, source folder or None) and measures
+    every run at every client count in each round; stops the servers whatever happens."""
     try:
-        for name in args.configs:  # one at a time: the first one embeds the collection and caches it
-            backend, encoder_batch, encoder_workers = CONFIGS[name]
-            log_path = os.path.join(RESULTS, f"serve_{name}.log")
+        for name, backend, encoder_batch, encoder_workers, source in runs:  # one at a time: the first one
+            log_path = os.path.join(RESULTS, f"serve_{name}.log")  # embeds the collection and caches it
             process, url, startup = start_server(
-                args.lang, backend, encoder_batch, encoder_workers, log_path, args.startup_timeout, collection
+                args.lang, backend, encoder_batch, encoder_workers, log_path, args.startup_timeout, collection, source
             )
             servers[name] = (process, url, log_path)
             primer = requests_for(args.lang, 1, seed=99)[0]
@@ -406,18 +523,19 @@ def main():
                 "backend": backend,
                 "encoder_batch": encoder_batch,
                 "encoder_workers": encoder_workers,
+                "code": f"git {args.reference}" if source else "this checkout",
                 "startup_s": round(startup, 1),
                 "levels": [],
             }
             print(f"{name} started in {startup:.0f} s", flush=True)
         for round_number in range(args.rounds):
-            for name in args.configs:
+            for name, *_ in runs:
                 url = servers[name][1]
                 for clients in args.clients:
                     bodies = requests_for(args.lang, 64, seed=clients + 1000 * round_number)
-                    run_level(url, clients, bodies, seconds=0)  # opens the connections and server threads
+                    run_level(url, clients, bodies, 0, client=client)  # opens the connections and server threads
                     pid = servers[name][0].pid
-                    level = dict(run_level(url, clients, bodies, args.seconds, pid), round=round_number)
+                    level = dict(run_level(url, clients, bodies, args.seconds, pid, client), round=round_number)
                     print(name, json.dumps(level), flush=True)
                     results["configs"][name]["levels"].append(level)
             for config in results["configs"].values():
@@ -430,10 +548,6 @@ def main():
             process.wait(timeout=60)
     for _, _, log_path in servers.values():
         os.remove(log_path)  # kept when the run failed
-    if args.change_pairs:
-        results["changes"] = time_changes(args.change_pairs, args.lang, args.changed)
-        print("changes", json.dumps(results["changes"]), flush=True)
-        write(results)
 
 
 def write(results):
@@ -454,25 +568,33 @@ def write(results):
 
 
 def markdown(results):
+    client = results.get("client", "python")
+    clients = {
+        "wrk": "wrk (one thread holding every connection, rotating through 64 prepared request bodies)",
+        "python": "Python threads in the benchmark process, one httpx connection each",
+    }[client]
     lines = [
         f"# {results['endpoint']} under concurrent clients",
         "",
         f"Model: {results['model']}. Request: {results['request']}. Machine: {results['machine']['cpus']} CPUs, "
         "shared with other processes: every configuration ran at every client count in each of "
         f"{results['rounds']} rounds; figures are medians over rounds, ratios are against one client in the "
-        "same round, and the load column is the 1-minute load average when each level ended.",
+        "same round, and the load column is the 1-minute load average when each level ended. "
+        f"Load generator: {clients}; its CPU time is in the client columns.",
         "",
-        "| server | clients | requests | req/s | x 1 client | p50 ms | p99 ms | p99/p50 | errors | server CPU ms/request "
-        "| server cores busy | load |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | code | clients | requests | req/s | x 1 client | p50 ms | p99 ms | p99/p50 | errors "
+        "| server CPU ms/request | server cores busy | client CPU ms/request | client cores busy | load |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, config in results["configs"].items():
         label = f"{config['backend']}, encoder batch {config['encoder_batch']}, {config['encoder_workers']} worker(s)"
         for level in config.get("summary", []):
             lines.append(
-                f"| {label} | {level['clients']} | {level['requests']} | {level['requests_per_s']} | "
-                f"{level['throughput_vs_1_client']} | {level['p50_ms']} | {level['p99_ms']} | {level['p99_over_p50']} | "
-                f"{level['errors']} | {level['server_cpu_ms_per_request']} | {level['server_cores_busy']} | "
+                f"| {label} | {config.get('code', 'this checkout')} | {level['clients']} | {level['requests']} | "
+                f"{level['requests_per_s']} | {level['throughput_vs_1_client']} | {level['p50_ms']} | "
+                f"{level['p99_ms']} | {level['p99_over_p50']} | {level['errors']} | "
+                f"{level['server_cpu_ms_per_request']} | {level['server_cores_busy']} | "
+                f"{level.get('client_cpu_ms_per_request', '')} | {level.get('client_cores_busy', '')} | "
                 f"{level['load_average']} |"
             )
     lines += ["", "Targets at 8 clients (throughput >= 1.5x one client, p99 <= 3x p50):", ""]
