@@ -18,6 +18,7 @@ Example:
 import ctypes
 import errno
 import mmap
+import os
 import queue
 import sys
 import threading
@@ -32,16 +33,27 @@ _state = {"worker": None, "supported": sys.platform.startswith("linux")}
 _start_lock = threading.Lock()
 
 
+def _forget_worker():
+    # A forked child has no worker thread: it starts its own, with an empty queue, when it needs one.
+    global _jobs, _start_lock
+    _jobs, _start_lock = queue.Queue(), threading.Lock()
+    _state["worker"] = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_worker)
+
+
 def prefault(array):
     """Maps the pages of `array` (a contiguous numpy array) in the background; returns at once.
 
     Args:
         array: the spare rows to map. The job keeps a reference, so the memory outlives the mapping.
     """
-    if not _state["supported"] or array.nbytes < mmap.PAGESIZE:
-        return
     if not array.flags.c_contiguous:
         raise ValueError("prefault needs a contiguous array (a slice of rows of a C-ordered buffer)")
+    if not _state["supported"] or array.nbytes < mmap.PAGESIZE:
+        return
     with _start_lock:
         if _state["worker"] is None:
             _state["worker"] = threading.Thread(target=_work, name="keras-clip-it-prefault", daemon=True)
@@ -55,6 +67,11 @@ def wait():
 
 
 def _work():
+    try:
+        # Lowest priority for this thread alone (Linux): mapping ahead yields to queries and changes.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     while True:

@@ -173,8 +173,9 @@ class AnchorIndex:
     def append(self, anchors):
         """A new index with `anchors` (n, D) added as rows size .. size + n - 1; this index is unchanged.
 
-        Costs O(n) (plus re-uploading the last partial block): the anchors are written after the stored
-        ones, in place when no other index derived from the same one wrote there first.
+        Costs O(n): the anchors are written after the stored ones and into the free slots of the last
+        screening block, in place when no other index derived from the same one wrote there first (on a
+        mesh, or after such a second change, the last block is copied and placed on the devices again).
 
         Args:
             anchors: float array (n, D).

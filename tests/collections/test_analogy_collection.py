@@ -191,3 +191,24 @@ def test_prefault_keeps_what_the_rows_hold():
     assert (buffer[60_000:70_000] == 7.0).all()
     with pytest.raises(ValueError, match="contiguous"):
         memory.prefault(buffer[:, :10])
+
+
+def test_a_forked_child_maps_pages_with_its_own_worker():
+    import multiprocessing
+
+    from keras_clip_it.collections import memory
+
+    memory.prefault(np.empty((1000, 64), np.float32))  # the parent's worker runs
+    memory.wait()
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        assert pool.apply(_prefault_in_child, (5000,)) == 5000.0
+
+
+def _prefault_in_child(rows):
+    from keras_clip_it.collections import memory
+
+    buffer = np.ones((rows, 64), np.float32)
+    memory.prefault(buffer)
+    memory.wait()  # would never return if the child waited for the parent's worker
+    return float(buffer[:, 0].sum())
