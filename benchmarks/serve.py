@@ -9,21 +9,27 @@ tower plus the ASIF search.
 
 Several server configurations (Keras backend x --encoder-batch x --encoder-workers) run side by side: all
 servers are started first, then measured in rounds, each round running every configuration at every client
-count, so that the load of other processes on a shared machine falls on all of them alike. Clients are
-threads with their own HTTP connection, each sending requests back to back for --seconds (64 distinct
-images per level). A configuration's "x 1 client" ratio is its
-throughput at N clients over its single-client throughput in the same round; the tables give the median
-over rounds (and every round in the JSON). The machine's load average is recorded with each level.
+count, so that the load of other processes on a shared machine falls on all of them alike. The clients
+are N keep-alive connections sending requests back to back for --seconds (64 distinct images per level),
+held by wrk when it is installed: wrk costs about 0.15 ms of CPU per request where Python threads with
+httpx cost 1.3 ms, and on 2 cores a load generator that eats the server's CPU measures itself. Without
+wrk (or with --client python) each client is a Python thread with its own httpx connection. The CPU time
+of the server and of the load generator is recorded per level. --reference REV adds the first
+configuration served by the keras_clip_it of git revision REV (before/after in one run). A
+configuration's "x 1 client" ratio is its throughput at N clients over its single-client throughput in
+the same round; the tables give the median over rounds (and every round in the JSON). The machine's load
+average is recorded with each level.
 
 It also times collection changes on the server (`--change-pairs`): adding and removing pairs (O(pairs
 changed): the indexes follow the change) against activating a collection of the same size (O(N): indexes
 built from scratch, what every change cost when the server copied the collection), in-process on random
 unit embeddings.
 
-    python benchmarks/serve.py                            # default configurations, whole emoji-it (serve.*)
+    python benchmarks/serve.py --reference 86e8d85        # default configurations, whole emoji-it (serve.*)
     python benchmarks/serve.py --pairs 256 --rounds 1     # 256 training pairs, quicker
     python benchmarks/serve.py --configs jax-batch4 jax-batch8 --output serve_jax_batch --change-pairs 0
     python benchmarks/serve.py --blas                     # ASIF search with BLAS on 1 thread and on all (serve_blas.*)
+    python benchmarks/serve.py --stages                   # CPU time of each stage of a request (serve_stages.*)
 """
 
 import argparse
@@ -54,11 +60,13 @@ CONFIGS = {
     "jax-batch1": ("jax", 1, 1),
     "jax-batch4-workers2": ("jax", 4, 2),
     "jax-batch8": ("jax", 8, 1),
+    "jax-batch8-workers2": ("jax", 8, 2),
     "tensorflow-batch4": ("tensorflow", 4, 1),
     "tensorflow-batch4-workers2": ("tensorflow", 4, 2),
     "tensorflow-batch1": ("tensorflow", 1, 1),
 }
-DEFAULT_CONFIGS = ["jax-batch4", "jax-batch1", "tensorflow-batch4", "tensorflow-batch1"]
+# The server's default (JAX, batch 4, two workers) and larger batches under load.
+DEFAULT_CONFIGS = ["jax-batch4-workers2", "jax-batch8-workers2"]
 
 
 def free_port():
@@ -380,6 +388,73 @@ def time_blas(anchors, repeats=50):
     }
 
 
+def time_stages(lang, repeats=3):
+    """Process CPU milliseconds of each stage of a classify request, in-process on the benchmark's bodies.
+
+    The server's own steps on the default model (BLAS on one thread, as `serve` runs it): parsing and
+    validating the JSON body, base64 and PNG decoding, resizing to the tower's input, the encoder at
+    batch sizes 1, 2, 4 and 8 (per image), the ASIF search and scores on a cached label set, and the
+    response. Each stage runs over the 64 bodies `repeats` times; the median per item is kept.
+    """
+    import resource
+
+    from threadpoolctl import threadpool_limits
+
+    from keras_clip_it.data.images import to_rgb_array
+    from keras_clip_it.serving.commands import build_model
+    from keras_clip_it.serving.server import Limits
+    from keras_clip_it.serving.server import _schemas
+    from keras_clip_it.serving.server import create_app
+
+    threadpool_limits(1, user_api="blas")
+    arguments = argparse.Namespace(model=None, lang=lang, collection=None, k=None, p=None)
+    model, _ = build_model(arguments)
+    service = create_app(model, warm_up=True).state.service
+    schemas = _schemas(Limits())
+    bodies = requests_for(lang, 64, seed=1)
+    raw = [json.dumps(body).encode() for body in bodies]
+    files = [base64.b64decode(body["images"][0]) for body in bodies]
+    pixels = [to_rgb_array(data) for data in files]
+    inputs = [model.image_encoder.preprocess(array)[0] for array in pixels]
+    labels, templates = bodies[0]["labels"], bodies[0]["templates"]
+    embeddings = model.image_encoder.embed(inputs[:8], batch_size=8)
+    answer = service.classify(labels, templates, image_embeddings=embeddings[:1].tolist())  # caches the labels
+
+    def cpu():
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def timed(function, items, per=1):
+        function(items[0])
+        runs = []
+        for _ in range(repeats):
+            start = cpu()
+            for item in items:
+                function(item)
+            runs.append(1000 * (cpu() - start) / (len(items) * per))
+        return round(float(np.median(runs)), 2)
+
+    stages = {
+        "JSON body parsed and validated": timed(lambda data: schemas["ClassifyRequest"].model_validate_json(data), raw),
+        "base64 and PNG decoded": timed(lambda body: to_rgb_array(base64.b64decode(body["images"][0])), bodies),
+        f"resized to {model.image_encoder.image_size[0]} px (PIL bicubic)": timed(model.image_encoder.preprocess, pixels),
+    }
+    for size in (1, 2, 4, 8):
+        batches = [inputs[start : start + size] for start in range(0, 64 - size + 1, size)][: max(4, 32 // size)]
+        stages[f"encoder, per image at batch {size}"] = timed(
+            lambda batch, size=size: model.image_encoder.embed(batch, batch_size=size), batches, per=size
+        )
+    queries = [row[None].tolist() for row in embeddings]
+    stages["ASIF search and scores (cached labels)"] = timed(
+        lambda query: service.classify(labels, templates, image_embeddings=query), queries
+    )
+    stages["response validated and serialised"] = timed(
+        lambda _: schemas["ClassifyResponse"].model_validate(answer).model_dump_json(), queries
+    )
+    service.stop()
+    return {"stages_ms": stages, "repeats": repeats, "load_average": round(os.getloadavg()[0], 1)}
+
+
 def summarize(levels):
     """Per client count: medians over rounds of the measured figures (ratios taken within each round)."""
     singles = {level["round"]: level["requests_per_s"] for level in levels if level["clients"] == 1}
@@ -439,6 +514,9 @@ def main():
         "--blas", action="store_true", help="only time the ASIF search with BLAS on 1 thread and on all (serve_blas.*)"
     )
     parser.add_argument(
+        "--stages", action="store_true", help="only time the stages of a request in-process (serve_stages.*)"
+    )
+    parser.add_argument(
         "--client",
         choices=["auto", "wrk", "python"],
         default="auto",
@@ -466,6 +544,20 @@ def main():
             f"| {blas['blas_1_thread_ms']} | {blas['blas_all_threads_ms']} | {blas['all_threads_over_1_thread']} |\n"
         )
         with open(os.path.join(RESULTS, "serve_blas.md"), "w") as handle:
+            handle.write(text)
+        return print(text)
+    if args.stages:
+        stages = time_stages(args.lang)
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(os.path.join(RESULTS, "serve_stages.json"), "w") as handle:
+            json.dump(stages, handle, indent=1)
+        text = (
+            "# Where a classify request's CPU time goes (in-process, `python benchmarks/serve.py --stages`)\n\n"
+            f"Process CPU ms per request (encoder: per image), median of {stages['repeats']} passes over the 64 "
+            f"benchmark bodies; load average {stages['load_average']}.\n\n| stage | CPU ms |\n| --- | ---: |\n"
+            + "".join(f"| {stage} | {ms} |\n" for stage, ms in stages["stages_ms"].items())
+        )
+        with open(os.path.join(RESULTS, "serve_stages.md"), "w") as handle:
             handle.write(text)
         return print(text)
     if 1 not in args.clients:
