@@ -1,9 +1,9 @@
 """Spare rows mapped ahead of their first write, so that appending to a large buffer costs a copy.
 
 `np.empty` only reserves address space: the operating system maps (and zeroes) each page when it is
-first written. Writing 15 MB (10k rows of 384 floats) into fresh pages took 3-5x as long as writing it
-into mapped ones on a busy machine (page faults, huge-page compaction), and that cost landed in the
-addition that wrote the rows. `prefault` maps the pages of spare rows ahead of time, in a background
+first written. Writing 10k rows of 384 floats into fresh pages takes several times as long as writing
+them into mapped ones (page faults, huge-page compaction), and that cost landed in the addition that
+wrote the rows. `prefault` maps the pages of spare rows ahead of time, in a background
 thread, with Linux's madvise(MADV_POPULATE_WRITE): it never changes what the pages hold, so the rows
 can be written meanwhile. Elsewhere (older kernels, other systems) it does nothing and the pages are
 mapped on first write as usual.
