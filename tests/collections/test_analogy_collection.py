@@ -193,22 +193,34 @@ def test_prefault_keeps_what_the_rows_hold():
         memory.prefault(buffer[:, :10])
 
 
-def test_a_forked_child_maps_pages_with_its_own_worker():
-    import multiprocessing
-
-    from keras_clip_it.collections import memory
-
-    memory.prefault(np.empty((1000, 64), np.float32))  # the parent's worker runs
-    memory.wait()
-    context = multiprocessing.get_context("fork")
-    with context.Pool(1) as pool:
-        assert pool.apply(_prefault_in_child, (5000,)) == 5000.0
-
-
-def _prefault_in_child(rows):
-    from keras_clip_it.collections import memory
-
-    buffer = np.ones((rows, 64), np.float32)
+FORKED = r"""
+import importlib.util, os, sys
+import numpy as np
+spec = importlib.util.spec_from_file_location("memory", sys.argv[1])  # numpy only: no JAX threads to fork
+memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(memory)
+memory.prefault(np.empty((1000, 64), np.float32))  # the parent's worker runs
+memory.wait()
+pid = os.fork()
+if pid == 0:
+    import signal
+    signal.alarm(30)  # a child that hangs does not outlive the test
+    buffer = np.ones((5000, 64), np.float32)
     memory.prefault(buffer)
     memory.wait()  # would never return if the child waited for the parent's worker
-    return float(buffer[:, 0].sum())
+    os._exit(0 if buffer[:, 0].sum() == 5000 else 1)
+print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_a_forked_child_maps_pages_with_its_own_worker():
+    import subprocess
+    import sys
+
+    from keras_clip_it.collections import memory
+
+    done = subprocess.run(
+        [sys.executable, "-c", FORKED, memory.__file__], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "0"
