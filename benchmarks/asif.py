@@ -19,7 +19,11 @@ Compression: bytes per anchor for float32 / float16 / int8 and agreement with fl
               predictions (Fashion-MNIST zero-shot class with 60k training anchors, emoji held-out image ->
               caption retrieval) with int8 against float32 anchors.
 "int8, max-abs scale" is the plain per-row quantiser (scale = max |value| / 127) beside ours (the same codes
-with the least-squares scale), at the same bytes.
+with the least-squares scale), at the same bytes. "int8, refined" is `RefinedIndex`: the int8 index in
+memory plus a residual norm per anchor, and the float32 anchors saved as a collection on local disk and
+memory-mapped, read only at the candidates each query rescores (exact by construction). For it the
+compression part also times k = 800 and k = 1 searches against the float32 and plain int8 indexes
+(interleaved rounds, 256 random queries, page cache warm) and counts the float32 rows read per query.
 Results go to benchmarks/results/asif.json and asif.md.
 
     python benchmarks/asif.py            # 100k and 1M anchors, D = 1280 and 384, real data (about 15 minutes)
@@ -32,6 +36,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -43,11 +48,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from keras_clip_it.collections import AnalogyCollection  # noqa: E402
+from keras_clip_it.collections.storage import open_collection, save_collection  # noqa: E402
 from keras_clip_it.models.asif_index import AnchorIndex  # noqa: E402
+from keras_clip_it.models.asif_refine import RefinedIndex  # noqa: E402
 
 K = 800
 REFERENCE_CHUNK = 100_000  # dic_size in the authors' code
 DTYPES = ("float32", "float16", "int8", "int8, max-abs scale")
+REFINED = "int8, refined"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -167,11 +176,32 @@ def max_abs_int8(anchors):
     return (np.clip(np.rint(anchors / step), -127, 127) * step).astype(np.float32)
 
 
-def indexes(anchors):
-    """{dtype: AnchorIndex} for DTYPES; the max-abs int8 anchors are searched dequantised (same results)."""
+def indexes(anchors, exact_rows):
+    """{dtype: index} for DTYPES and REFINED; the max-abs int8 anchors are searched dequantised (same results).
+
+    The refined index rescores against `exact_rows`, the float32 anchors (memory-mapped or in memory).
+    """
     out = {dtype: AnchorIndex(anchors, dtype=dtype) for dtype in DTYPES[:3]}
     out[DTYPES[3]] = AnchorIndex(max_abs_int8(anchors))
+    out[REFINED] = RefinedIndex(out["int8"], exact_rows)
     return out
+
+
+def memory_mapped_rows(anchors, folder):
+    """`anchors` saved as an analogy collection under `folder` and opened again: its float32 embeddings are
+    then a copy-on-write memory map of the segment's .npy file, as ASIF sees a collection kept on disk."""
+    collection = AnalogyCollection()
+    collection.add([str(i) for i in range(len(anchors))], embeddings={"image": {"benchmark": anchors}})
+    save_collection(collection, folder)
+    return open_collection(folder, verify=False).embeddings("image", "benchmark")
+
+
+def resident_bytes(index):
+    """Bytes an index keeps in memory: stored anchors, the screening copy (with its per-anchor scales and
+    masks) and, when refined, the residual norms. The float32 rows of a refined index stay on disk."""
+    base = index.index if isinstance(index, RefinedIndex) else index
+    screening = sum(array.nbytes for entry in base._blocks for array in entry[:3])
+    return index.nbytes + screening
 
 
 def agreement(index, want_rows, queries, k):
@@ -181,30 +211,68 @@ def agreement(index, want_rows, queries, k):
     return rows[:, 0] == want_rows[:, 0], float(overlap), values
 
 
-def compression(count, dim, queries_count):
-    """Bytes per anchor and agreement with float32 on random unit vectors (random and near-anchor queries)."""
+def compression(count, dim, queries_count, rounds):
+    """Bytes per anchor and agreement with float32 on random unit vectors (random and near-anchor queries),
+    and the speed and reads of the refined int8 index."""
     anchors = random_unit(count, dim, seed=7 + dim)
     rng = np.random.default_rng(3)
     query_sets = {
         "random": random_unit(queries_count, dim, seed=2),
         "near_anchor": anchors[rng.choice(count, queries_count, replace=False)] + random_unit(queries_count, dim, seed=4),
     }
-    built = indexes(anchors)
-    full = built["float32"]
-    row = {"anchors": count, "dim": dim, "queries": queries_count}
-    for name, queries in query_sets.items():
-        queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-        want_values, want_rows = full.topk(queries, K)
-        for dtype, index in built.items():
-            same, overlap, values = agreement(index, want_rows, queries, K)
-            nbytes = built["int8"].nbytes if dtype.startswith("int8") else index.nbytes
-            entry = row.setdefault(dtype, {"bytes_per_anchor": nbytes / count, "bytes_vs_float32": nbytes / full.nbytes})
-            entry[f"top1_agreement_{name}"] = float(np.mean(same))
-            # Standard error of the agreement (binomial), so a reader can tell noise from a difference.
-            entry[f"top1_agreement_{name}_se"] = float(np.sqrt(np.mean(same) * (1 - np.mean(same)) / len(same)))
-            entry[f"topk_overlap_{name}"] = overlap
-            entry[f"max_abs_score_error_{name}"] = float(np.abs(values - want_values).max())
+    with tempfile.TemporaryDirectory() as folder:
+        built = indexes(anchors, memory_mapped_rows(anchors, os.path.join(folder, "anchors")))
+        full, refined = built["float32"], built[REFINED]
+        row = {"anchors": count, "dim": dim, "queries": queries_count}
+        for name, queries in query_sets.items():
+            queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+            want_values, want_rows = full.topk(queries, K)
+            for dtype, index in built.items():
+                before = refined.rows_read, refined.queries_answered
+                same, overlap, values = agreement(index, want_rows, queries, K)
+                # The max-abs int8 anchors are searched dequantised, but would be stored as int8 is.
+                stored = built["int8"] if dtype == DTYPES[3] else index
+                entry = row.setdefault(dtype, {
+                    "bytes_per_anchor": stored.nbytes / count, "bytes_vs_float32": stored.nbytes / full.nbytes,
+                    "resident_bytes_per_anchor": resident_bytes(stored) / count,
+                    "resident_vs_float32_index": resident_bytes(stored) / resident_bytes(full),
+                })
+                entry[f"top1_agreement_{name}"] = float(np.mean(same))
+                # Standard error of the agreement (binomial), so a reader can tell noise from a difference.
+                entry[f"top1_agreement_{name}_se"] = float(np.sqrt(np.mean(same) * (1 - np.mean(same)) / len(same)))
+                entry[f"topk_overlap_{name}"] = overlap
+                entry[f"max_abs_score_error_{name}"] = float(np.abs(values - want_values).max())
+                if dtype == REFINED:
+                    reads = (refined.rows_read - before[0]) / (refined.queries_answered - before[1])
+                    entry[f"rows_read_per_query_{name}"] = reads
+        row[REFINED]["speed"] = refined_speed(built, query_sets, rounds)
+        del built, full, refined
+        gc.collect()
     return row
+
+
+def refined_speed(built, query_sets, rounds, count=256):
+    """Queries/s of the refined int8 index against the float32 and plain int8 indexes (k = 800 and 1,
+    interleaved rounds), and the float32 rows it reads per query once it has learned its widths."""
+    refined, out = built[REFINED], {}
+    for k in (K, 1):
+        queries = {name: q[:count] / np.linalg.norm(q[:count], axis=1, keepdims=True) for name, q in query_sets.items()}
+        times = interleaved({
+            dtype: (lambda index=built[dtype]: index.topk(queries["random"], k, batch_size=count))
+            for dtype in ("float32", "int8", REFINED)
+        }, rounds)
+        result = {f"{dtype}_qps": count / min(seconds) for dtype, seconds in times.items()}
+        for dtype in ("float32", "int8"):
+            result[f"vs_{dtype}"] = result[f"{REFINED}_qps"] / result[f"{dtype}_qps"]
+            result[f"vs_{dtype}_median_round"] = float(np.median(np.divide(times[dtype], times[REFINED])))
+        for name, q in queries.items():
+            refined.topk(q, k)  # learns this query set's width, as a steady stream of such queries would
+            before = refined.rows_read
+            refined.topk(q, k)
+            result[f"rows_read_per_query_{name}"] = (refined.rows_read - before) / count
+        out[f"k{k}"] = result
+        print(json.dumps({"k": k, **result}), flush=True)
+    return out
 
 
 def real_nearest_anchor():
@@ -216,12 +284,13 @@ def real_nearest_anchor():
         ("Fashion-MNIST images (EfficientNet-Lite0, 64 px)", fashion["train"], fashion["test"]),
         ("emoji images (EfficientNet-Lite0, 224 px)", emoji["images"][emoji["train"]], emoji["images"][emoji["test"]]),
     ):
-        built = indexes(anchors)
+        built = indexes(anchors, anchors)
         want_rows = built["float32"].topk(queries, 1)[1]
         row = {"data": name, "anchors": len(anchors), "queries": len(queries), "dim": anchors.shape[1]}
         for dtype, index in built.items():
             same = index.topk(queries, 1)[1][:, 0] == want_rows[:, 0]
             row[dtype] = {"top1_agreement": float(np.mean(same)), "disagreements": int((~same).sum())}
+        row[REFINED]["rows_read_per_query"] = built[REFINED].rows_read / built[REFINED].queries_answered
         rows.append(row)
     return rows
 
@@ -351,26 +420,55 @@ def markdown(results):
         )
     lines += [
         "",
-        "Random unit vectors: top-1 agreement with float32 anchors (± standard error), k = 800.",
+        "Random unit vectors: top-1 agreement with float32 anchors (± standard error), k = 800. bytes/anchor: the "
+        "stored anchors (int8: codes and scale; refined: also the residual norm, and the float32 rows of the 1 in "
+        "1,024 anchors with the largest residuals); resident: all the index keeps "
+        "in memory, its screening copy included, against the float32 index's (the refined index's float32 rows "
+        "stay in the memory-mapped file).",
         "",
-        "| anchors | D | queries | dtype | bytes/anchor | vs float32 | top-1 agreement, random queries "
-        "| top-1 agreement, near-anchor queries | top-k overlap (random) | max score error (random) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| anchors | D | queries | dtype | bytes/anchor | vs float32 | resident/anchor | vs float32 index "
+        "| top-1 agreement, random queries | top-1 agreement, near-anchor queries | top-k overlap (random) "
+        "| max score error (random) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["compression"]:
-        for dtype in DTYPES:
+        for dtype in [d for d in DTYPES + (REFINED,) if d in r]:
             c = r[dtype]
+            resident = (f"{c['resident_bytes_per_anchor']:.0f} | {c['resident_vs_float32_index']:.3f}"
+                        if "resident_bytes_per_anchor" in c else "- | -")
             lines.append(
                 f"| {r['anchors']:,} | {r['dim']} | {r['queries']} | {dtype} | {c['bytes_per_anchor']:.0f} "
-                f"| {c['bytes_vs_float32']:.3f} | {c['top1_agreement_random']:.4f} ± {c['top1_agreement_random_se']:.4f} "
+                f"| {c['bytes_vs_float32']:.3f} | {resident} "
+                f"| {c['top1_agreement_random']:.4f} ± {c['top1_agreement_random_se']:.4f} "
                 f"| {c['top1_agreement_near_anchor']:.4f} | {c['topk_overlap_random']:.3f} "
                 f"| {c['max_abs_score_error_random']:.1e} |"
             )
+    speeds = [r for r in results["compression"] if "speed" in r.get(REFINED, {})]
+    if speeds:
+        lines += [
+            "",
+            "Refined int8 (`RefinedIndex`): queries/s against the float32 and the plain int8 index, best of the "
+            "interleaved rounds (median within-round ratio in brackets), 256 random queries, and float32 rows "
+            "read from the memory map per query (page cache warm).",
+            "",
+            "| anchors | D | k | float32 q/s | int8 q/s | refined q/s | refined / float32 | refined / int8 "
+            "| rows read, random queries | rows read, near-anchor queries |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in speeds:
+            for k, c in r[REFINED]["speed"].items():
+                lines.append(
+                    f"| {r['anchors']:,} | {r['dim']} | {k[1:]} | {c['float32_qps']:.1f} | {c['int8_qps']:.1f} "
+                    f"| {c[REFINED + '_qps']:.1f} | {c['vs_float32']:.2f}x ({c['vs_float32_median_round']:.2f}x) "
+                    f"| {c['vs_int8']:.2f}x ({c['vs_int8_median_round']:.2f}x) "
+                    f"| {c['rows_read_per_query_random']:.0f} | {c['rows_read_per_query_near_anchor']:.0f} |"
+                )
     if results.get("real_nearest_anchor"):
+        shown = [d for d in DTYPES[1:] + (REFINED,) if d in results["real_nearest_anchor"][0]]
         lines += ["", "Real embeddings: nearest-anchor top-1 agreement with float32 anchors (disagreements).", "",
-                  "| data | anchors | queries | " + " | ".join(DTYPES[1:]) + " |", "|---|---|---|---|---|---|"]
+                  "| data | anchors | queries | " + " | ".join(shown) + " |", "|---" * (3 + len(shown)) + "|"]
         for r in results["real_nearest_anchor"]:
-            cells = " | ".join(f"{r[d]['top1_agreement']:.4f} ({r[d]['disagreements']})" for d in DTYPES[1:])
+            cells = " | ".join(f"{r[d]['top1_agreement']:.4f} ({r[d]['disagreements']})" for d in shown)
             lines.append(f"| {r['data']} | {r['anchors']:,} | {r['queries']:,} | {cells} |")
     if results.get("real_predictions"):
         lines += ["", "ASIF predictions (k = 800, p = 8): agreement with float32 anchors (disagreements), and "
@@ -428,7 +526,7 @@ def main():
                 print(json.dumps(row), flush=True)
     if args.only != "throughput":
         for dim in dims:
-            row = compression(sizes[0], dim, agreement_queries)
+            row = compression(sizes[0], dim, agreement_queries, rounds)
             results["compression"].append(row)
             print(json.dumps(row), flush=True)
         if not args.quick:

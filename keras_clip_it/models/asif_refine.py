@@ -10,9 +10,11 @@ segment) and only the rows of a few candidates per query are read from them.
 The result is certified, not just likely. With x an anchor, s c its int8 codes times its scale and r =
 |x - s c| its residual norm (kept per anchor, 4 bytes), Cauchy-Schwarz gives |q.x - q.(s c)| <= |q| r.
 The int8 index returns the K best int8 scores; any other anchor scores at most the K-th of them plus
-|q| max(r) in float32. Among the K candidates, only those whose upper bound reaches the k-th largest lower
-bound can be in the top k: those rows are read and scored exactly. If the k-th exact score beats every
-other anchor's upper bound, the top k is exact; otherwise the query is screened again with K doubled.
+|q| max(r) in float32 (the few anchors with the largest r are kept in float32 and scored exactly, so the
+max runs over the others). Among the K candidates, only those whose upper bound reaches the k-th exact
+score found so far can be in the top k: those rows are read and scored exactly. If the k-th exact score
+beats every other anchor's upper bound, the top k is exact; otherwise the query is screened again with K
+doubled. K starts from what the previous search with the same k needed.
 The bound holds for any float32 rows, so results are exact with respect to `exact_rows` even when the
 int8 codes came from other rows (they are then only slower).
 """
@@ -38,7 +40,8 @@ class RefinedIndex:
     Results equal a dense float32 computation over `exact_rows` (ties within float32 rounding excepted).
 
     The index is a snapshot: after the collection changes, build a new one from the updated int8 index
-    and rows.
+    and rows. `rows_read` and `queries_answered` count the float32 rows read and the queries answered
+    since it was built.
 
     Args:
         index: an `AnchorIndex` over the anchors, usually `dtype="int8"` (any dtype works).
@@ -149,6 +152,8 @@ class RefinedIndex:
             raise ValueError(f"k must be between 1 and the number of anchors ({self.size}), got {k}")
         values = np.empty((len(queries), k), np.float32)
         rows = np.empty((len(queries), k), np.int64)
+        if not len(queries):
+            return values, rows
         pending = np.arange(len(queries))
         # Candidates per query: what most queries of the last search with this k needed (an uncertified
         # query is screened again with twice as many, which costs a whole scan).
