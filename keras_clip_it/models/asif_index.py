@@ -21,7 +21,8 @@ runs in float32. This index makes both cheaper without giving up exactness:
 
 Results equal a dense float32 computation up to float32 rounding of the inner products (ties excepted).
 Memory stays bounded: one (queries x block) score matrix at a time; anchors are stored once per dtype
-(with 1/16 spare capacity for appends) plus the bfloat16 screening copy.
+(with 1/16 spare capacity for appends) plus the bfloat16 screening copy (and one spare block), which on
+one CPU device is both the host and the device copy: blocks are placed on the device without a copy.
 
 Changes are incremental (`append`, `remove`, `follow`): an analogy collection that gains or loses 10k
 pairs out of 1M updates its index in O(10k), and the first query after the change costs what any query
