@@ -5,11 +5,12 @@ multilingual-e5-small (--lang it) or all-MiniLM-L6-v2 (--lang en) for text, over
 of that language. A registered collection is embedded once per pair of encoders and kept under the
 cache folder, so later starts load its embeddings instead of recomputing them.
 
-The server runs on the backend that served the most requests per second in benchmarks/results/serve.md,
-where the backends run side by side (--backend picks another). Keras fixes its backend when first
-imported, so `serve` restarts itself with KERAS_BACKEND set when the running one differs. NumPy's BLAS
-runs on one thread: the server's parallelism is across requests, and BLAS threads spinning against the
-encoder's threads made the ASIF search 2x slower on 2 cores (benchmarks/results/serve_blas.md).
+The server runs on the backend that served the most requests per second when the backends ran side by
+side (docs/serving.md; benchmarks/results/serve.md at revision 2b05b51); --backend picks another. Keras
+fixes its backend when first imported, so `serve` restarts itself with KERAS_BACKEND set when the running
+one differs. NumPy's BLAS runs on one thread: the server's parallelism is across requests, and BLAS
+threads spinning against the encoder's threads made the ASIF search 2x slower on 2 cores
+(benchmarks/results/serve_blas.md).
 """
 
 import os
@@ -18,7 +19,7 @@ import sys
 
 TEXT_PRESETS = {"it": "multilingual_e5_small", "en": "all_minilm_l6_v2"}
 BACKENDS = ("tensorflow", "jax")
-# The backend with the highest throughput at 1, 8 and 32 clients in benchmarks/results/serve.md.
+# The backend with the highest throughput at 1, 8 and 32 clients (docs/serving.md).
 DEFAULT_BACKEND = "jax"
 
 
@@ -60,7 +61,7 @@ def register(subparsers):
         "--backend",
         choices=BACKENDS,
         default=DEFAULT_BACKEND,
-        help=f"Keras backend of the encoders (default: {DEFAULT_BACKEND}, the fastest in benchmarks/results/serve.md)",
+        help=f"Keras backend of the encoders (default: {DEFAULT_BACKEND}, the fastest in docs/serving.md)",
     )
     parser.set_defaults(func=run)
 

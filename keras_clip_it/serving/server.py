@@ -927,8 +927,9 @@ def create_app(
         allow_uris: bool; when True, clients may activate collections stored at URIs or paths on the
             server's file systems (keep it off for servers reachable by untrusted clients).
         encoder_batch: int, most images (or texts) one encoder call gathers from concurrent requests;
-            1 turns micro-batching off. Larger batches cost more per image once their activations outgrow
-            the CPU's caches (EfficientNet-Lite0 at batch 8 on a 2 MiB L2: benchmarks/results/serve.md).
+            1 turns micro-batching off. A batch costs less per image (EfficientNet-Lite0 on JAX: 17.7 ms
+            at batch 1, 14.6 at 4, 13.7 at 8; benchmarks/results/serve_stages.md), but a larger one left
+            8 clients no faster (docs/serving.md).
         encoder_workers: int, encoder calls that may run at once (each a batch).
         warm_up: bool; compile the image tower for every batch size before serving (slower start, no
             compilation pauses later).
