@@ -19,8 +19,12 @@ ACTIVATIONS = ("quick_gelu", "gelu", "relu")
 
 
 def quick_gelu(x):
-    """CLIP's activation, x * sigmoid(1.702 x)."""
-    return x * ops.sigmoid(ops.cast(1.702, x.dtype) * x)
+    """CLIP's activation, x * sigmoid(1.702 x), written with tanh (sigmoid(z) = (1 + tanh(z / 2)) / 2).
+
+    XLA:CPU evaluates tanh about twice as fast as the logistic function, forwards and backwards.
+    """
+    half = ops.cast(0.5, x.dtype)
+    return x * (half + half * ops.tanh(ops.cast(0.851, x.dtype) * x))
 
 
 def _activation(name):
