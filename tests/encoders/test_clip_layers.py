@@ -96,3 +96,66 @@ def test_bad_sizes_are_named():
         CLIPBlock(hidden_dim=32, num_heads=4, intermediate_dim=8, intermediate_activation="swish")
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         CLIPVisionTower(7, WIDTH, image_shape=(32, 32, 3), **SIZES)
+
+
+def _clip_dual_encoder():
+    import keras_clip_it as kci
+    from keras_clip_it.encoders.text_preprocessor import TextPreprocessor
+
+    vision = CLIPVisionTower(8, WIDTH, image_shape=(16, 16, 3), **SIZES)
+    text = CLIPTextTower(50, WIDTH, WIDTH, max_sequence_length=8, **SIZES)
+    image_encoder = kci.ImageEncoder(vision, image_size=16, crop_pct=1.0, pooling="cls")
+    tokenizer = keras_hub.models.BertTokenizer(vocabulary=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "gatto"])
+    text_encoder = kci.TextEncoder(text, TextPreprocessor(tokenizer, 8, end_token=3), pooling="last")
+    return kci.DualEncoder(image_encoder, text_encoder, projection_dim=16)
+
+
+def _pairs(count=8):
+    rng = np.random.RandomState(5)
+    lengths = rng.randint(2, 9, count)
+    token_ids = np.zeros((count, 8), "int32")
+    for row, length in enumerate(lengths):
+        token_ids[row, :length] = rng.randint(4, 50, length)
+    return {
+        "images": rng.randint(0, 256, (count, 16, 16, 3)).astype("uint8"),
+        "texts": {"token_ids": token_ids, "padding_mask": (np.arange(8)[None] < lengths[:, None]).astype("int32")},
+    }
+
+
+@pytest.mark.slow
+def test_dual_encoder_on_clip_towers_trains_locks_and_saves(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = _clip_dual_encoder()
+    model.compile(optimizer=keras.optimizers.AdamW(learning_rate=3e-3))
+    traces = []
+    train_step = model.train_step
+    model.train_step = lambda *args: traces.append(1) or train_step(*args)
+    batch = _pairs()
+    history = model.fit(batch, batch_size=8, epochs=2, verbose=0).history["loss"]
+    traced = len(traces)
+    history += model.fit(batch, batch_size=8, epochs=13, verbose=0).history["loss"]
+    assert history[-1] < 0.5 * history[0]  # eight pairs are learned: the step trains both towers
+    assert len(traces) == traced  # no retrace once training runs
+    model.lock("image", unlocked_groups=1)  # the final layer norm of the vision tower only
+    trainable = {id(v) for v in model.trainable_variables}
+    assert all(id(v) in trainable for v in model.image_encoder.backbone.layer_norm.weights)
+    assert not any(id(v) in trainable for v in model.image_encoder.backbone.encoder_layers[-1].weights)
+    model.unlock("image")
+    texts = batch["texts"]
+    assert_keras_roundtrip(model, lambda m: m.predict_on_batch({"texts": texts})["text_embeddings"], tmp_path)
+
+
+def test_dual_encoder_on_clip_towers_under_mixed_bfloat16():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(1)
+        model = _clip_dual_encoder()
+        model.compile()
+        batch = _pairs()
+        outputs = model(batch, training=True)
+        loss = model.compute_loss(batch, None, outputs)
+        assert keras.backend.standardize_dtype(loss.dtype) == "float32"
+        assert np.isfinite(float(loss))
+        assert all(w.dtype == "float32" for w in model.weights)
+    finally:
+        keras.config.set_dtype_policy("float32")
