@@ -198,10 +198,12 @@ def memory_mapped_rows(anchors, folder):
 
 def resident_bytes(index):
     """Bytes an index keeps in memory: stored anchors, the screening copy (with its per-anchor scales and
-    masks) and, when refined, the residual norms. The float32 rows of a refined index stay on disk."""
+    masks, and the spare block kept ready for appends) and, when refined, the residual norms and outliers.
+    The other float32 rows of a refined index stay on disk."""
     base = index.index if isinstance(index, RefinedIndex) else index
     screening = sum(array.nbytes for entry in base._blocks for array in entry[:3])
-    return index.nbytes + screening
+    spare = base.block * (base.dim * base._blocks[0][0].dtype.itemsize + 4)
+    return index.nbytes + screening + spare
 
 
 def agreement(index, want_rows, queries, k):
