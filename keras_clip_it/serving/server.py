@@ -67,6 +67,9 @@ from keras_clip_it.tasks.templates import fill
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,")
 _LABEL_CACHE_SIZE = 256
+# Labels x anchors up to which a cached label set also keeps its relative representation dense (1 MiB):
+# a query's scores are then one gather, where the sparse join sorts the labels' entries on every call.
+_DENSE_LABELS = 2**18
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,7 +351,12 @@ class Service:
         queries = self._image_rows(images, image_embeddings, "images", "image_embeddings")
         classes = self._labels_entry(labels, templates)
         if self.is_asif:
-            scores = sparse_inner(snapshot.relative(queries, "image"), self._class_relative(snapshot, classes))
+            relative = snapshot.relative(queries, "image")
+            labels_relative, dense = self._class_relative(snapshot, classes)
+            if dense is None:
+                scores = sparse_inner(relative, labels_relative)
+            else:
+                scores = np.einsum("cqk,qk->qc", dense[:, relative.indices], relative.values)
             threshold = snapshot.unknown_threshold
         else:
             scores, threshold = queries @ classes["embeddings"].T, -np.inf
@@ -406,7 +414,8 @@ class Service:
         return self._check_embeddings(embeddings, self.image_dim, embeddings_field)
 
     def _labels_entry(self, labels, templates):
-        """The cache entry of a label set: {"embeddings": unit (C, D), "relative": (version, representation)}.
+        """The cache entry of a label set: {"embeddings": unit (C, D), "relative": (version, representation,
+        dense representation or None)}.
 
         Label embeddings (templates averaged) never depend on a collection and are kept across versions;
         their relative representation is kept for the last snapshot version it was computed on. Requests
@@ -455,11 +464,18 @@ class Service:
 
     @staticmethod
     def _class_relative(snapshot, entry):
+        """The label set's relative representation on `snapshot`, and the same as a dense (C, N) array
+        when it is small (else None)."""
         cached = entry["relative"]  # one read: another thread may replace it meanwhile
         if cached is None or cached[0] != snapshot.version:
-            cached = (snapshot.version, snapshot.relative(entry["embeddings"], "text"))
+            relative = snapshot.relative(entry["embeddings"], "text")
+            dense = None
+            if len(relative) * relative.num_anchors <= _DENSE_LABELS:
+                dense = np.zeros((len(relative), relative.num_anchors), np.float32)
+                np.put_along_axis(dense, relative.indices, relative.values, axis=1)
+            cached = (snapshot.version, relative, dense)
             entry["relative"] = cached
-        return cached[1]
+        return cached[1], cached[2]
 
     def decode_images(self, images, field):
         """Base64 strings -> the image tower's uint8 inputs (H, W, 3), refusing bombs before decoding.
@@ -927,9 +943,9 @@ def create_app(
         allow_uris: bool; when True, clients may activate collections stored at URIs or paths on the
             server's file systems (keep it off for servers reachable by untrusted clients).
         encoder_batch: int, most images (or texts) one encoder call gathers from concurrent requests;
-            1 turns micro-batching off. A batch costs less per image (EfficientNet-Lite0 on JAX: 17.7 ms
-            at batch 1, 14.6 at 4, 13.7 at 8; benchmarks/results/serve_stages.md), but a larger one left
-            8 clients no faster (docs/serving.md).
+            1 turns micro-batching off. A batch costs less per image than single images
+            (benchmarks/results/serve_stages.md), but batch 8 left 8 clients no faster than 4
+            (docs/serving.md).
         encoder_workers: int, encoder calls that may run at once (each a batch).
         warm_up: bool; compile the image tower for every batch size before serving (slower start, no
             compilation pauses later).

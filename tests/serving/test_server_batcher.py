@@ -141,3 +141,24 @@ def test_batches_fill_the_padded_sizes_exactly():
         thread.join()
     batcher.stop()
     assert sizes == [1, 2, 1]
+
+
+def test_label_scores_are_the_same_dense_and_sparse(encoders, monkeypatch):
+    import keras_clip_it as kci
+    from keras_clip_it.serving import server
+    from tests.serving.conftest import LABELS
+    from tests.serving.conftest import random_collection
+    from tests.serving.conftest import unit_rows
+
+    image_encoder, text_encoder = encoders
+    collection = random_collection("alpha", 30, image_encoder, text_encoder, seed=7)
+    queries = unit_rows(np.random.default_rng(1), 3, image_encoder.embedding_dim).tolist()
+    answers = []
+    for limit in (server._DENSE_LABELS, 0):  # 0: every label set takes the sparse join
+        monkeypatch.setattr(server, "_DENSE_LABELS", limit)
+        asif = kci.ASIF(image_encoder, text_encoder, k=6, p=3.0, collection=collection)
+        service = kci.serving.create_app(asif).state.service
+        answers.append([p["scores"] for p in service.classify(LABELS, None, image_embeddings=queries)["predictions"]])
+        assert (service._labels[(tuple(LABELS), None)]["relative"][2] is None) == (limit == 0)
+        service.stop()
+    np.testing.assert_allclose(answers[0], answers[1], atol=1e-6)
