@@ -62,6 +62,17 @@ def layer_groups(model):
     return groups
 
 
+def set_trainable(layer, value):
+    """Sets `trainable` on `layer` and on every layer inside it, whatever their flags were.
+
+    `layer.trainable = value` alone is not enough on TensorFlow: the attribute tracking there skips the
+    assignment when the layer's own flag already equals `value`, so blocks frozen inside a trainable
+    layer would stay frozen (unlocking the top blocks of a locked tower would do nothing).
+    """
+    for sub in layer._flatten_layers(include_self=True, recursive=True):
+        sub.trainable = value
+
+
 @keras.saving.register_keras_serializable(package="keras_clip_it")
 class DualEncoder(keras.Model):
     """An image tower and a text tower projected into one space, trained contrastively with `fit`.
@@ -282,14 +293,14 @@ class DualEncoder(keras.Model):
             return
         self._sync_training_state()
         if unlocked_groups == 0:
-            encoder.trainable = False
+            set_trainable(encoder, False)
         else:
-            encoder.trainable = True
+            set_trainable(encoder, True)
             for layer in encoder._flatten_layers(include_self=False, recursive=False):
                 if layer is not encoder.backbone:
-                    layer.trainable = False
+                    set_trainable(layer, False)
             for group in groups[: len(groups) - unlocked_groups]:
-                group.trainable = False
+                set_trainable(group, False)
         self._locked[tower] = int(unlocked_groups)
         self._refresh_training()
 
@@ -299,7 +310,7 @@ class DualEncoder(keras.Model):
         if tower not in self._locked:
             return
         self._sync_training_state()
-        encoder.trainable = True
+        set_trainable(encoder, True)
         del self._locked[tower]
         self._refresh_training()
 

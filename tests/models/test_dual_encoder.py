@@ -160,6 +160,7 @@ def test_lock_image_tower_lit():
     assert changed(image_before, weights_of(model.image_encoder))
 
 
+@pytest.mark.tf_parity
 def test_lock_with_unlocked_groups_trains_only_the_top_blocks():
     model = tiny_model()
     model.lock("image", unlocked_groups=1)  # only the final layer norm of the ViT
