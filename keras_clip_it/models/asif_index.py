@@ -345,18 +345,31 @@ class AnchorIndex:
         q_residual = np.linalg.norm(queries - q_screen[:count].astype(np.float32), axis=1)
         bound = q_norm * self.max_residual + q_residual * self.max_norm
         bound = 1.01 * bound + 2 * self.dim * _FLOAT32_EPS * q_norm * self.max_norm + 1e-7
-        threshold = screened[:, k - 1] - 2 * bound
+        # Rescoring in two steps. The k best screened candidates first: their k-th exact score E is at
+        # most the true k-th, so only candidates with screened + bound >= E can still enter the top k.
+        # E >= screened k-th - bound, so this threshold is never below the one-step screened k-th - 2 bound.
+        head = np.sort(candidates[:, :k], axis=1)  # in slot order, the gathered rows come in memory order
+        head_exact = self._exact_scores(queries, head)
+        threshold = np.maximum(screened[:, k - 1] - 2 * bound, head_exact.min(axis=1) - bound)
         certified = (kept == self.size) | (screened[:, kept - 1] < threshold)
-        # Only candidates above the threshold can be in the top k: rescore just those (the first
-        # `needed` columns, as candidates are sorted by screened score). Masked anchors score -inf, below
-        # any threshold, so they are never rescored.
-        needed = max(k, int((screened >= threshold[:, None]).sum(axis=1).max()))
-        # In slot order, the gathered rows come in memory order: ~1.3x faster than in score order.
-        candidates = np.sort(candidates[:, :needed], axis=1)
-        exact = self._exact_scores(queries, candidates)
+        # Then, per pair of queries, only the candidates above the threshold (the first `counts` columns:
+        # candidates are sorted by screened score). Masked anchors score -inf, below any threshold.
+        counts = np.maximum(k, (screened >= threshold[:, None]).sum(axis=1))
+        tail_slots = np.zeros((count, int(counts.max()) - k), candidates.dtype)
+        tail_exact = np.full(tail_slots.shape, -np.inf, np.float32)
+        chunk = 2
+        for start in range(0, count, chunk):
+            stop = min(count, start + chunk)
+            width = int(counts[start:stop].max()) - k
+            if width:
+                slots = np.sort(candidates[start:stop, k : k + width], axis=1)
+                tail_slots[start:stop, :width] = slots
+                tail_exact[start:stop, :width] = self._exact_scores(queries[start:stop], slots)
+        slots = np.concatenate([head, tail_slots], axis=1)
+        exact = np.concatenate([head_exact, tail_exact], axis=1)
         order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
         values = np.take_along_axis(exact, order, axis=1)
-        rows = self._to_rows(np.take_along_axis(candidates, order, axis=1))
+        rows = self._to_rows(np.take_along_axis(slots, order, axis=1))
         failed = np.flatnonzero(~certified)
         if failed.size:
             values[failed], rows[failed] = self.dense_topk(queries[failed], k)
