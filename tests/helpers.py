@@ -1,4 +1,5 @@
-"""Checks every model's tests share: config round trip and `.keras` saving with identical outputs."""
+"""What several test modules share: config round trip, `.keras` saving with identical outputs, and a
+dense numpy top-k over random unit vectors to check the anchor indexes against."""
 
 import os
 
@@ -40,3 +41,15 @@ def assert_config_roundtrip(model):
 
 def _as_list(value):
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def unit(x):
+    """Rows of `x` scaled to unit length, float32."""
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def dense_topk(queries, anchors, k):
+    """The k largest inner products of each query with the anchors, by a full product: (values, rows)."""
+    scores = queries @ anchors.T
+    rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, rows, axis=1), rows

@@ -312,12 +312,7 @@ class AnchorIndex:
         Returns:
             (values float32 (Q, k) in decreasing order, rows int64 (Q, k)).
         """
-        queries = np.asarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries must be (Q, {self.dim}), got shape {queries.shape}")
-        k = int(k)
-        if not 1 <= k <= self.size:
-            raise ValueError(f"k must be between 1 and the number of anchors ({self.size}), got {k}")
+        queries, k = checked_query(queries, k, self.dim, self.size)
         if 4 * k >= self.size:
             # Rescoring would gather a quarter of the anchors or more per query: one dense product is cheaper.
             return self.dense_topk(queries, k, batch_size)
@@ -691,6 +686,17 @@ def _above(values, group_max, threshold):
     inside = np.flatnonzero((grouped >= threshold[rows, None]) & (grouped > -np.inf))
     which, position = np.divmod(inside, GROUP)
     return rows[which], grouped.ravel()[inside], groups[which] * GROUP + position
+
+
+def checked_query(queries, k, dim, size):
+    """(queries as float32 (Q, dim), k as int) for a top-k over `size` anchors, or a ValueError naming the problem."""
+    queries = np.asarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise ValueError(f"queries must be (Q, {dim}), got shape {queries.shape}")
+    k = int(k)
+    if not 1 <= k <= size:
+        raise ValueError(f"k must be between 1 and the number of anchors ({size}), got {k}")
+    return queries, k
 
 
 def _round_up(value, multiple):

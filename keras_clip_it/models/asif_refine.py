@@ -24,7 +24,7 @@ import threading
 
 import numpy as np
 
-from keras_clip_it.models.asif_index import AnchorIndex
+from keras_clip_it.models.asif_index import AnchorIndex, checked_query
 
 _FLOAT32_EPS = 2.0**-24
 # One anchor in OUTLIERS, the one with the largest residual, is kept in float32.
@@ -144,12 +144,7 @@ class RefinedIndex:
         Returns:
             (values float32 (Q, k) in decreasing order, rows int64 (Q, k)).
         """
-        queries = np.asarray(queries, dtype=np.float32)
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries must be (Q, {self.dim}), got shape {queries.shape}")
-        k = int(k)
-        if not 1 <= k <= self.size:
-            raise ValueError(f"k must be between 1 and the number of anchors ({self.size}), got {k}")
+        queries, k = checked_query(queries, k, self.dim, self.size)
         values = np.empty((len(queries), k), np.float32)
         rows = np.empty((len(queries), k), np.int64)
         if not len(queries):

@@ -9,16 +9,7 @@ import numpy as np
 import pytest
 
 from keras_clip_it.models.asif_index import AnchorIndex
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def dense_topk(queries, anchors, k):
-    scores = queries @ anchors.T
-    rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, rows, axis=1), rows
+from tests.helpers import dense_topk, unit
 
 
 def dequantised(index):

@@ -9,16 +9,7 @@ from keras_clip_it.collections import AnalogyCollection
 from keras_clip_it.collections.storage import open_collection, save_collection
 from keras_clip_it.models.asif_index import AnchorIndex
 from keras_clip_it.models.asif_refine import RefinedIndex
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def dense_topk(queries, anchors, k):
-    scores = queries @ anchors.T
-    rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, rows, axis=1), rows
+from tests.helpers import dense_topk, unit
 
 
 def memory_mapped(array):
