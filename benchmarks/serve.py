@@ -540,9 +540,6 @@ def main():
         return prepare_subset(args.lang, args.pairs, args.prepare)
     if args.blas:
         blas = time_blas(1874)
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, "serve_blas.json"), "w") as handle:
-            json.dump(blas, handle, indent=1)
         text = (
             "# ASIF search per request (1 image, 10 labels, k=800) with NumPy's BLAS threads\n\n"
             f"{blas['anchors']:,} random unit anchors, {blas['cpus']} CPUs, load average {blas['load_average']}; "
@@ -550,23 +547,16 @@ def main():
             "| BLAS on 1 thread | BLAS on all threads | all / 1 |\n| ---: | ---: | ---: |\n"
             f"| {blas['blas_1_thread_ms']} | {blas['blas_all_threads_ms']} | {blas['all_threads_over_1_thread']} |\n"
         )
-        with open(os.path.join(RESULTS, "serve_blas.md"), "w") as handle:
-            handle.write(text)
-        return print(text)
+        return save_results("serve_blas", blas, text)
     if args.stages:
         stages = time_stages(args.lang)
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, "serve_stages.json"), "w") as handle:
-            json.dump(stages, handle, indent=1)
         text = (
             "# Where a classify request's CPU time goes (in-process, `python benchmarks/serve.py --stages`)\n\n"
             f"Process CPU ms per request (encoder: per image), median of {stages['repeats']} passes over the 64 "
             f"benchmark bodies; load average {stages['load_average']}.\n\n| stage | CPU ms |\n| --- | ---: |\n"
             + "".join(f"| {stage} | {ms} |\n" for stage, ms in stages["stages_ms"].items())
         )
-        with open(os.path.join(RESULTS, "serve_stages.md"), "w") as handle:
-            handle.write(text)
-        return print(text)
+        return save_results("serve_stages", stages, text)
     if 1 not in args.clients:
         parser.error("--clients must include 1: every ratio is against one client")
     client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "python")
@@ -659,11 +649,17 @@ def write(results):
                 "8_clients_p99_at_most_3x_p50": by_clients[8]["p99_over_p50"] <= 3.0,
             }
     results["targets"] = targets
-    with open(os.path.join(RESULTS, f"{results['output']}.json"), "w") as handle:
-        json.dump(results, handle, indent=1)
-    with open(os.path.join(RESULTS, f"{results['output']}.md"), "w") as handle:
-        handle.write(markdown(results))
-    print(markdown(results), flush=True)
+    save_results(results["output"], results, markdown(results))
+
+
+def save_results(name, data, text):
+    """Writes benchmarks/results/NAME.json (data) and NAME.md (text), and prints the text."""
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as handle:
+        json.dump(data, handle, indent=1)
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as handle:
+        handle.write(text)
+    print(text, flush=True)
 
 
 def markdown(results):
