@@ -30,9 +30,11 @@ costs.
 """
 
 import bisect
+import concurrent.futures
 import copy
 import functools
 import math
+import os
 import threading
 
 import jax
@@ -49,6 +51,10 @@ BLOCK = 32768
 GROUP = 8
 # bfloat16 keeps 8 significant bits: relative rounding error <= 2**-8.
 _FLOAT32_EPS = 2.0**-24
+# Queries rescored together: their gathered rows (chunk x ~k x D floats) stay in cache.
+_RESCORE_CHUNK = 2
+_POOL = []
+_POOL_LOCK = threading.Lock()
 
 
 class AnchorIndex:
@@ -128,7 +134,7 @@ class AnchorIndex:
             number = offset // self.block
             lo, hi = max(start, offset), min(stop, offset + self.block)
             if number < len(blocks):
-                values_device, scales_device, bias, _, _, (partial, bias) = blocks[number]
+                values_device, scales_device, bias, _, _, (partial, bias), _ = blocks[number]
                 bias = _aligned_copy(bias)
                 if not partial.claim(lo - offset, hi - offset):
                     partial = partial.copy(hi - offset)
@@ -155,9 +161,11 @@ class AnchorIndex:
             else:
                 values, scales = _to_device(partial.values, self.mesh), _to_device(partial.scales, self.mesh)
                 partial.shared = _shares_memory(values, partial.values) and _shares_memory(scales, partial.scales)
-            entry = (values, scales, _to_device(bias, self.mesh), offset, hi - offset, None)
+            # A full block of live bfloat16 anchors needs neither scales nor bias: its product alone.
+            plain = self.dtype != "int8" and hi - offset == self.block and not np.isneginf(bias).any()
+            entry = (values, scales, _to_device(bias, self.mesh), offset, hi - offset, None, plain)
             if hi - offset < self.block:
-                entry = entry[:5] + ((partial, bias),)
+                entry = entry[:5] + ((partial, bias), plain)
             if number < len(blocks):
                 blocks[number] = entry
             else:
@@ -235,11 +243,11 @@ class AnchorIndex:
         blocks = list(self._blocks)
         numbers = slots // self.block
         for number in np.unique(numbers).tolist():
-            values, scales, bias, offset, filled, host = blocks[number]
+            values, scales, bias, offset, filled, host, _ = blocks[number]
             bias = _aligned_copy(bias if host is None else host[1])
             bias[slots[numbers == number] - offset] = -np.inf
             host = None if host is None else (host[0], bias)
-            blocks[number] = (values, scales, _to_device(bias, self.mesh), offset, filled, host)
+            blocks[number] = (values, scales, _to_device(bias, self.mesh), offset, filled, host, False)
         jax.block_until_ready([blocks[number][2] for number in np.unique(numbers).tolist()])
         new._blocks = blocks
         return new
@@ -330,47 +338,63 @@ class AnchorIndex:
         q = np.zeros((padded, self.dim), np.float32)
         q[:count] = queries
         q_screen = q.astype(jnp.bfloat16)
-        screened, candidates, complete = self._scan(q_screen, kept, optimistic=True)
+        screened, candidates, complete = self._scan(q_screen, kept, k, optimistic=True)
         if not complete[:count].all():
             redo = np.flatnonzero(~complete)
-            screened[redo], candidates[redo], _ = self._scan(q_screen[redo], kept, optimistic=False)
+            screened[redo], candidates[redo], _ = self._scan(q_screen[redo], kept, k, optimistic=False)
         screened, candidates = screened[:count], candidates[:count]
         # Bound on |screened - exact| for every anchor (Cauchy-Schwarz on the rounding residuals).
         q_norm = np.linalg.norm(q_screen[:count].astype(np.float32), axis=1)
         q_residual = np.linalg.norm(queries - q_screen[:count].astype(np.float32), axis=1)
         bound = q_norm * self.max_residual + q_residual * self.max_norm
         bound = 1.01 * bound + 2 * self.dim * _FLOAT32_EPS * q_norm * self.max_norm + 1e-7
-        # Rescoring in two steps. The k best screened candidates first: their k-th exact score E is at
-        # most the true k-th, so only candidates with screened + bound >= E can still enter the top k.
-        # E >= screened k-th - bound, so this threshold is never below the one-step screened k-th - 2 bound.
-        head = np.sort(candidates[:, :k], axis=1)  # in slot order, the gathered rows come in memory order
-        head_exact = self._exact_scores(queries, head)
-        threshold = np.maximum(screened[:, k - 1] - 2 * bound, head_exact.min(axis=1) - bound)
-        certified = (kept == self.size) | (screened[:, kept - 1] < threshold)
-        # Then, per pair of queries, only the candidates above the threshold (the first `counts` columns:
-        # candidates are sorted by screened score). Masked anchors score -inf, below any threshold.
-        counts = np.maximum(k, (screened >= threshold[:, None]).sum(axis=1))
-        tail_slots = np.zeros((count, int(counts.max()) - k), candidates.dtype)
-        tail_exact = np.full(tail_slots.shape, -np.inf, np.float32)
-        chunk = 2
-        for start in range(0, count, chunk):
-            stop = min(count, start + chunk)
-            width = int(counts[start:stop].max()) - k
-            if width:
-                slots = np.sort(candidates[start:stop, k : k + width], axis=1)
-                tail_slots[start:stop, :width] = slots
-                tail_exact[start:stop, :width] = self._exact_scores(queries[start:stop], slots)
-        slots = np.concatenate([head, tail_slots], axis=1)
-        exact = np.concatenate([head_exact, tail_exact], axis=1)
-        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-        values = np.take_along_axis(exact, order, axis=1)
-        rows = self._to_rows(np.take_along_axis(slots, order, axis=1))
+        values = np.empty((count, k), np.float32)
+        slots = np.empty((count, k), np.int64)
+        certified = np.empty(count, bool)
+        # Rescoring reads scattered stored rows: bound by memory latency, not arithmetic, so it runs on
+        # every core (numpy releases the GIL) while the product's threads are idle.
+        _in_parallel(
+            lambda start, stop: self._rescore(queries, screened, candidates, bound, k, (values, slots, certified), start, stop),
+            count, step=_RESCORE_CHUNK,
+        )
+        certified |= kept == self.size
+        rows = self._to_rows(slots)
         failed = np.flatnonzero(~certified)
         if failed.size:
             values[failed], rows[failed] = self.dense_topk(queries[failed], k)
         return values, rows
 
-    def _scan(self, queries, kept, optimistic):
+    def _rescore(self, queries, screened, candidates, bound, k, out, start, stop):
+        """Exact top k of queries [start, stop) among their screened candidates, `_RESCORE_CHUNK` at a time.
+
+        Two steps. The k best screened candidates first: their k-th exact score E is at most the true k-th,
+        so only candidates with screened + bound >= E can still enter the top k (E >= screened k-th - bound,
+        so this threshold is never below the one-step screened k-th - 2 bound). Then only those.
+        Candidates come with their k best first (`_Candidates.best`); masked anchors score -inf, below any
+        threshold. Writes (values, slots, certified) into `out` at [start, stop).
+        """
+        values, slots, certified = out
+        for lo in range(start, stop, _RESCORE_CHUNK):
+            hi = min(stop, lo + _RESCORE_CHUNK)
+            query, screen, bound_ = queries[lo:hi], screened[lo:hi], bound[lo:hi]
+            head = np.sort(candidates[lo:hi, :k], axis=1)  # in slot order, the gathered rows come in memory order
+            head_exact = self._exact_scores(query, head, chunk=_RESCORE_CHUNK)
+            threshold = np.maximum(screen[:, k - 1] - 2 * bound_, head_exact.min(axis=1) - bound_)
+            certified[lo:hi] = screen.min(axis=1) < threshold
+            above = screen[:, k:] >= threshold[:, None]
+            counts = above.sum(axis=1)
+            tail = np.zeros((hi - lo, int(counts.max())), np.int64)
+            for i, count in enumerate(counts.tolist()):
+                tail[i, :count] = np.sort(candidates[lo + i, k:][above[i]])
+            tail_exact = self._exact_scores(query, tail, chunk=_RESCORE_CHUNK)
+            tail_exact[np.arange(tail.shape[1])[None, :] >= counts[:, None]] = -np.inf
+            both = np.concatenate([head, tail], axis=1)
+            exact = np.concatenate([head_exact, tail_exact], axis=1)
+            order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+            values[lo:hi] = np.take_along_axis(exact, order, axis=1)
+            slots[lo:hi] = np.take_along_axis(both, order, axis=1)
+
+    def _scan(self, queries, kept, k, optimistic):
         """Running top-`kept` screened scores over all blocks, best first, on the host (in slots).
 
         Only entries at or above a lower bound of the final kept-th value are taken from a block
@@ -384,7 +408,8 @@ class AnchorIndex:
         the others must be scanned again without it.
 
         Returns:
-            (values (Q, kept), slots (Q, kept), complete bool (Q,)).
+            (values (Q, kept), slots (Q, kept), complete bool (Q,)): each query's k best entries first, in
+            no particular order, then the others.
         """
         candidates = _Candidates(len(queries), kept)
         floor = np.full(len(queries), -np.inf, np.float32)
@@ -409,14 +434,14 @@ class AnchorIndex:
                 rows, at = np.nonzero(values > -np.inf)
                 values, columns = values[rows, at], columns[rows, at]
             candidates.add(rows, values, columns + offset)
-        values, slots = candidates.best()
-        return values, slots, values[:, kept - 1] >= floor
+        values, slots = candidates.best(k)
+        return values, slots, values.min(axis=1) >= floor
 
     def _dispatch(self, queries, number, kept):
         """Starts the product for block `number` (asynchronously); returns device arrays."""
-        anchors, scales, bias, offset, valid = self._blocks[number][:5]
+        anchors, scales, bias, offset, valid, _, plain = self._blocks[number]
         if self.mesh is None:
-            return _block_scores(queries, anchors, scales, bias), None
+            return (_plain_block_scores(queries, anchors) if plain else _block_scores(queries, anchors, scales, bias)), None
         m = min(kept, self.block // self.mesh.devices.size)
         return _sharded_block_topk(queries, anchors, scales, bias, valid, mesh=self.mesh, m=m)
 
@@ -655,12 +680,15 @@ class _Candidates:
         self.fill = np.minimum(self.fill, self.kept)
         self.raise_bound(values.min(axis=1))
 
-    def best(self):
-        """(values (Q, kept), slots (Q, kept)), best first; -inf where a query has fewer entries."""
+    def best(self, k):
+        """(values (Q, kept), slots (Q, kept)) with the k best first (unordered: a partition, not a sort);
+        -inf where a query has fewer entries."""
         self._cut()
         values, slots = self.values[:, : self.kept], self.slots[:, : self.kept]
-        order = np.argsort(-values, axis=1, kind="stable")
-        return np.take_along_axis(values, order, axis=1), np.take_along_axis(slots, order, axis=1)
+        if k < self.kept:
+            order = np.argpartition(-values, k - 1, axis=1)
+            values, slots = np.take_along_axis(values, order, axis=1), np.take_along_axis(slots, order, axis=1)
+        return values, slots
 
 
 def _kth_largest(values, ks):
@@ -697,6 +725,24 @@ def checked_query(queries, k, dim, size):
     if not 1 <= k <= size:
         raise ValueError(f"k must be between 1 and the number of anchors ({size}), got {k}")
     return queries, k
+
+
+def _in_parallel(work, count, step):
+    """Runs `work(start, stop)` over [0, count) in pieces of whole `step`s, one piece per core.
+
+    For numpy work that releases the GIL. The threads are shared by every index and kept for the process.
+    """
+    workers = os.cpu_count() or 1
+    pieces = min(workers, -(-count // step))
+    if pieces <= 1:
+        work(0, count)
+        return
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="anchor-index"))
+    size = -(-count // (pieces * step)) * step
+    for future in [_POOL[0].submit(work, start, min(count, start + size)) for start in range(0, count, size)]:
+        future.result()
 
 
 def _round_up(value, multiple):
@@ -820,7 +866,7 @@ def _screen_scores(queries, anchors, scales):
     scores = jax.lax.dot_general(
         queries, anchors.astype(jnp.bfloat16), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     )
-    return scores * scales[None, :]
+    return scores if scales is None else scores * scales[None, :]
 
 
 @jax.jit
@@ -830,6 +876,14 @@ def _block_scores(queries, anchors, scales, bias):
     `bias` is 0 for live anchors and -inf for removed ones and padding, which no threshold passes.
     """
     scores = _screen_scores(queries, anchors, scales) + bias[None, :]
+    return scores, scores.reshape(scores.shape[0], -1, GROUP).max(axis=2)
+
+
+@jax.jit
+def _plain_block_scores(queries, anchors):
+    """`_block_scores` of a block whose scales are 1 and whose bias is 0: the product's output is the
+    result, without a pass that writes the (Q, block) scores again."""
+    scores = _screen_scores(queries, anchors, None)
     return scores, scores.reshape(scores.shape[0], -1, GROUP).max(axis=2)
 
 

@@ -147,10 +147,17 @@ def test_appends_and_removals_equal_a_rebuild_and_leave_the_old_index_alone(dtyp
         ("remove", rng.choice(2150, 60, replace=False)),
     ]
     first = AnchorIndex(anchors, dtype=dtype, block=256)
+    # Full blocks of live bfloat16 anchors are screened by their product alone (no scales, no bias).
+    plain = [entry[6] for entry in first._blocks]
+    assert plain == ([True] * 7 + [False] if dtype == "float32" else [False] * 8)
     before = first.topk(queries, 40)
     index = first
     for change, value in changes:
         index = index.append(value) if change == "add" else index.remove(value)
+        if change == "remove":
+            # A block that lost anchors masks them: it is screened with its bias from then on.
+            masked = np.flatnonzero(index._row_of_slot < 0) // 256
+            assert masked.size and not any(index._blocks[number][6] for number in masked.tolist())
     final = mirrored(anchors, changes)
     rebuilt = AnchorIndex(final, dtype=dtype, block=256)
     assert index.size == rebuilt.size == len(final) == 2090
