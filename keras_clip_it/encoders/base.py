@@ -113,29 +113,27 @@ class EncoderMixin:
         outputs, so concurrent calls from several threads (a server's workers) run side by side and the
         cached fingerprint stays valid. The first call for a new input shape compiles under this encoder's
         lock; an encoder that is not built yet takes Keras's own path.
+
+        Collecting the variables from every layer costs more Python than a small batch's inference, so
+        the list is kept with the layers' dtype policies and variable counts, which are checked on each
+        call: a new dtype policy (mixed precision, quantization) or a variable added to a layer (LoRA)
+        rebuilds the list and recompiles, while new weight values (`load_weights`, `set_weights`,
+        training) are read from the same variables at each call.
         """
         if keras.backend.backend() != "jax" or not self.built:
             return super().predict_on_batch(x)
         state = _state(self)
-        shapes = keras.tree.map_structure(lambda value: (np.shape(value), str(np.asarray(value).dtype)), x)
-        signature = f"{len(self.trainable_variables)} {shapes}"
+        shapes = _input_signature(x)
         with state.lock:
-            if state.inference is None:
-                import jax
-
-                encoder = weakref.ref(self)  # the state is a weak-keyed value: it must not keep the encoder alive
-
-                def inference(trainable, non_trainable, inputs):
-                    return encoder().stateless_call(trainable, non_trainable, inputs, training=False)[0]
-
-                state.inference = jax.jit(inference)
-            function = state.inference
-            values = ([v.value for v in self.trainable_variables], [v.value for v in self.non_trainable_variables])
-            if signature not in state.compiled:
-                outputs = function(*values, x)  # traces and compiles once, never concurrently
-                state.compiled.add(signature)
+            inference = state.inference
+            if inference is None or not inference.describes(self):
+                inference = state.inference = _Inference(self)
+            values = inference.values()
+            if shapes not in inference.compiled:
+                outputs = inference.function(values, x)  # traces and compiles once, never concurrently
+                inference.compiled.add(shapes)
                 return keras.tree.map_structure(np.asarray, outputs)
-        return keras.tree.map_structure(np.asarray, function(*values, x))
+        return keras.tree.map_structure(np.asarray, inference.function(values, x))
 
     def set_weights(self, weights):
         """Keras's `set_weights`; forgets the cached fingerprint."""
@@ -203,8 +201,65 @@ class _FingerprintState:
     def __init__(self):
         self.lock = threading.RLock()
         self.digest = None  # (config json, weights token, hex digest)
-        self.inference = None  # JAX: the jitted inference function
-        self.compiled = set()  # JAX: input signatures it has compiled
+        self.inference = None  # JAX: the compiled `_Inference`
+
+
+class _Inference:
+    """An encoder's jitted inference on JAX, with the variables and layer structure it was built for.
+
+    The function takes the values of `variables` (every variable of the encoder, in a fixed order) and
+    the inputs; which of them are trainable does not matter for inference, so freezing or unfreezing
+    layers keeps it. Only the sublayers are held, never the encoder itself: the state it lives in is a
+    weak-keyed value and must not keep the encoder alive.
+    """
+
+    def __init__(self, encoder):
+        import jax
+
+        self.layers = encoder._flatten_layers(include_self=False)
+        self.structure = _structure(encoder, self.layers)
+        self.variables = encoder.variables
+        self.compiled = set()  # the input signatures the function has compiled
+        variables = self.variables
+        owner = weakref.ref(encoder)
+
+        def inference(values, inputs):
+            model = owner()
+            by_variable = {id(variable): value for variable, value in zip(variables, values)}
+            trainable = [by_variable[id(variable)] for variable in model.trainable_variables]
+            non_trainable = [by_variable[id(variable)] for variable in model.non_trainable_variables]
+            return model.stateless_call(trainable, non_trainable, inputs, training=False)[0]
+
+        self.function = jax.jit(inference)
+
+    def describes(self, encoder):
+        """Whether `encoder` still has the layers, dtype policies and variable counts this was built for."""
+        return _structure(encoder, self.layers) == self.structure
+
+    def values(self):
+        """The current value arrays of the variables (read without copying, as a fingerprint does)."""
+        values = [variable._value for variable in self.variables]
+        if any(value is None for value in values):
+            for variable in self.variables:
+                _jax_value(variable)  # raises, naming the variable a running fit holds
+        return values
+
+
+def _structure(encoder, layers):
+    """What the compiled inference depends on besides weight values: per layer, the dtype policy and
+    the number of variables and of sublayers."""
+    return [
+        (layer._dtype_policy, len(layer._trainable_variables) + len(layer._non_trainable_variables), len(layer._layers))
+        for layer in (encoder, *layers)
+    ]
+
+
+def _input_signature(x):
+    """The shapes and dtypes of a batch (an array or a dict of arrays): one compiled program each."""
+    if isinstance(x, dict):
+        return tuple((key, _input_signature(value)) for key, value in sorted(x.items()))
+    x = x if hasattr(x, "dtype") else np.asarray(x)
+    return tuple(x.shape), str(x.dtype)
 
 
 def _state(encoder):

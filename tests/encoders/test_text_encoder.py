@@ -79,3 +79,60 @@ def test_prefix_is_put_before_every_text():
     prefixed = make_encoder(prefix="the ")
     plain = make_encoder()
     np.testing.assert_array_equal(prefixed.tokenize(["cat"])["token_ids"], plain.tokenize(["the cat"])["token_ids"])
+
+
+
+def test_repeated_predictions_follow_weight_and_structure_changes(tmp_path):
+    """`predict_on_batch` keeps its compiled inference and variable list between calls; every change that
+    alters the computation must show in the next call's outputs, as in a fresh encoder."""
+    encoder = make_encoder()
+    tokens = encoder.tokenize(TEXTS[:4])
+
+    def predict(model=encoder):
+        return np.asarray(model.predict_on_batch(tokens))
+
+    first = predict()
+    np.testing.assert_array_equal(predict(), first)  # the cached path
+    np.testing.assert_allclose(np.asarray(keras.Model.predict_on_batch(encoder, tokens)), first, atol=1e-6)
+
+    # New values in the same variables: set_weights, a direct assign, load_weights.
+    weights = encoder.get_weights()
+    scaled_weights = [w * 1.5 if w.dtype.kind == "f" else w for w in weights]
+    encoder.set_weights(scaled_weights)
+    scaled = predict()
+    assert np.abs(scaled - first).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(keras.Model.predict_on_batch(encoder, tokens)), scaled, atol=1e-6)
+    encoder.backbone.token_embedding.embeddings.assign(np.zeros_like(weights[0]))
+    assert np.abs(predict() - scaled).max() > 1e-3
+    encoder.set_weights(weights)
+    encoder.save_weights(str(tmp_path / "first.weights.h5"))
+    encoder.set_weights(scaled_weights)
+    encoder.load_weights(str(tmp_path / "first.weights.h5"))
+    np.testing.assert_allclose(predict(), first, atol=1e-6)
+
+    # Freezing does not change what inference computes: on JAX nothing is rebuilt.
+    from keras_clip_it.encoders import base
+
+    compiled = base._state(encoder).inference
+    encoder.backbone.transformer_layers[0].trainable = False
+    np.testing.assert_array_equal(predict(), first)
+    assert base._state(encoder).inference is compiled
+
+    # New variables (LoRA adapters, moved away from their zero start), then a new dtype policy: the same
+    # outputs as a fresh encoder given the same changes, and not the old ones.
+    fresh = make_encoder()
+    for model in (encoder, fresh):
+        model.backbone.enable_lora(2)
+    for variable in encoder.backbone.variables:
+        if "lora_kernel_b" in variable.path:
+            variable.assign(np.full(variable.shape, 0.5, np.float32))
+    fresh.set_weights(encoder.get_weights())
+    lora = predict()
+    assert np.abs(lora - first).max() > 1e-3
+    np.testing.assert_allclose(lora, predict(fresh), atol=1e-6)
+    for model in (encoder, fresh):
+        for layer in model.backbone._flatten_layers():
+            layer.dtype_policy = "mixed_bfloat16"
+    half = predict()
+    assert np.abs(half - lora).max() > 1e-4
+    np.testing.assert_allclose(half, predict(fresh), atol=1e-6)
