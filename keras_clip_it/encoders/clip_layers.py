@@ -8,8 +8,14 @@ and it fuses the layer-norm backward of every later block into those copies: in 
 give the same outputs from the same weights but flatten the tokens first, so every projection and its
 gradients are (rows, features) products, and project queries, keys and values with one fused matrix,
 as PyTorch's `nn.MultiheadAttention` does.
+
+On JAX, a projection that narrows (more input than output features, the MLP's second matrix) computes its
+weight gradient as (output, input) and transposes that small result: XLA:CPU runs the (input, output)
+product that autodiff asks for at about half the speed (5.4 against 3.2 ms for the (512, 128) gradient of
+2080 rows).
 """
 
+import functools
 import math
 
 import keras
@@ -25,6 +31,53 @@ def quick_gelu(x):
     """
     half = ops.cast(0.5, x.dtype)
     return x * (half + half * ops.tanh(ops.cast(0.851, x.dtype) * x))
+
+
+@functools.cache
+def _narrowing_dense_jax():
+    """x @ kernel + bias whose kernel gradient is computed as (dy^T x)^T, for JAX.
+
+    The optimization barrier keeps XLA from folding the transpose back into the product, which would
+    restore the slow (input, output) layout.
+    """
+    import jax
+
+    @jax.custom_vjp
+    def dense(x, kernel, bias):
+        return x @ kernel + bias
+
+    def forward(x, kernel, bias):
+        return x @ kernel + bias, (x, kernel)
+
+    def backward(saved, dy):
+        x, kernel = saved
+        kernel_gradient = jax.lax.optimization_barrier(dy.T @ x).T
+        return dy @ kernel.T, kernel_gradient, dy.sum(axis=0)
+
+    dense.defvjp(forward, backward)
+    return dense
+
+
+def dense_2d(layer, x):
+    """Applies the `keras.layers.Dense` `layer` to rows `x`, with the faster weight gradient on JAX.
+
+    The same result as `layer(x)`. On JAX a narrowing projection (more input than output features)
+    computes its kernel gradient in the (output, input) layout, which XLA:CPU multiplies about twice as
+    fast (see the module docstring); other backends and projections call the layer.
+
+    Args:
+        layer: a built `keras.layers.Dense` with a bias.
+        x: (rows, input features) tensor.
+
+    Example:
+    >>> layer = keras.layers.Dense(4)
+    >>> layer.build((None, 8))
+    >>> dense_2d(layer, np.ones((3, 8), "float32")).shape
+    (3, 4)
+    """
+    if keras.backend.backend() != "jax" or layer.kernel.shape[0] <= layer.kernel.shape[1] or layer.bias is None:
+        return layer(x)
+    return _narrowing_dense_jax()(x, ops.cast(layer.kernel, x.dtype), ops.cast(layer.bias, x.dtype))
 
 
 def _activation(name):
@@ -180,7 +233,7 @@ class CLIPBlock(keras.layers.Layer):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         x = ops.reshape(x, (batch * length, self.hidden_dim))
         x = x + self.output_dense(self._attention(self.qkv_dense(self.layer_norm_1(x)), batch, length))
-        x = x + self.dense_2(self.activation(self.dense_1(self.layer_norm_2(x))))
+        x = x + dense_2d(self.dense_2, self.activation(self.dense_1(self.layer_norm_2(x))))
         return ops.reshape(x, (batch, length, self.hidden_dim))
 
     def compute_output_shape(self, input_shape):

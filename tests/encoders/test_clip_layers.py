@@ -89,6 +89,38 @@ def test_towers_roundtrip_and_mixed_precision(tmp_path):
     assert np.isfinite(np.asarray(keras.ops.cast(output, "float32"))).all()
 
 
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the custom weight gradient is JAX's")
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_block_gradients_equal_plain_dense_gradients(monkeypatch, policy):
+    import jax
+
+    from keras_clip_it.encoders import clip_layers
+
+    block = CLIPBlock(hidden_dim=WIDTH, num_heads=4, intermediate_dim=3 * WIDTH, dtype=policy)
+    block.build((None, 5, WIDTH))
+    _randomise(block, 4)
+    weights = [v.value for v in block.trainable_variables]
+    x = np.random.RandomState(6).normal(0, 1, (3, 5, WIDTH)).astype("float32")
+    cotangent = np.random.RandomState(7).normal(0, 1, (3, 5, WIDTH)).astype("float32")
+
+    def gradients():
+        def forward(weights, x):
+            return keras.ops.cast(block.stateless_call(weights, [], x)[0], "float32")
+
+        return jax.vjp(forward, weights, x)[1](cotangent)
+
+    ours = gradients()
+    assert block.dense_2.kernel.shape[0] > block.dense_2.kernel.shape[1]  # the narrowing projection's own path
+    monkeypatch.setattr(clip_layers, "dense_2d", lambda layer, x: layer(x))
+    plain = gradients()
+    tolerance = 1e-5 if policy == "float32" else 2e-2
+    for mine, want in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(plain)):
+        assert mine.dtype == want.dtype
+        scale = float(np.max(np.abs(np.asarray(want, "float32")))) + 1e-6
+        np.testing.assert_allclose(np.asarray(mine, "float32") / scale, np.asarray(want, "float32") / scale,
+                                   atol=tolerance)
+
+
 def test_bad_sizes_are_named():
     with pytest.raises(ValueError, match="multiple of num_heads"):
         CLIPBlock(hidden_dim=30, num_heads=4, intermediate_dim=8)
