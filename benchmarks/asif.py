@@ -197,13 +197,11 @@ def memory_mapped_rows(anchors, folder):
 
 
 def resident_bytes(index):
-    """Bytes an index keeps in memory: stored anchors, the screening copy (with its per-anchor scales and
-    masks, and the spare block kept ready for appends) and, when refined, the residual norms and outliers.
-    The other float32 rows of a refined index stay on disk."""
-    base = index.index if isinstance(index, RefinedIndex) else index
-    screening = sum(array.nbytes for entry in base._blocks for array in entry[:3])
-    spare = base.block * (base.dim * base._blocks[0][0].dtype.itemsize + 4)
-    return index.nbytes + screening + spare
+    """Bytes an index keeps in memory (`resident_nbytes`): stored anchors with their spare rows, the screening
+    blocks (once where they are the int8 codes themselves), their masks, the spare block kept ready for
+    appends and, when refined, the residual norms and outliers. The other float32 rows of a refined index
+    stay on disk."""
+    return index.resident_nbytes
 
 
 def agreement(index, want_rows, queries, k):
@@ -425,8 +423,9 @@ def markdown(results):
         "Random unit vectors: top-1 agreement with float32 anchors (± standard error), k = 800. bytes/anchor: the "
         "stored anchors (int8: codes and scale; refined: also the residual norm, and the float32 rows of the 1 in "
         "1,024 anchors with the largest residuals); resident: all the index keeps "
-        "in memory, its screening copy included, against the float32 index's (the refined index's float32 rows "
-        "stay in the memory-mapped file).",
+        "in memory (`resident_nbytes`: its screening blocks, which for int8 are the stored codes themselves, and "
+        "the spare rows and block kept for appends), against the float32 index's (the refined index's float32 "
+        "rows stay in the memory-mapped file).",
         "",
         "| anchors | D | queries | dtype | bytes/anchor | vs float32 | resident/anchor | vs float32 index "
         "| top-1 agreement, random queries | top-1 agreement, near-anchor queries | top-k overlap (random) "

@@ -107,6 +107,9 @@ class AnchorIndex:
         # Blocks of equal size, at most the requested one: a last block mostly empty would cost a full product.
         blocks = max(1, -(-count // self._block_request))
         self.block = _round_up(max(16, -(-count // blocks)), 16 * devices)
+        if self._codes_in_blocks():
+            # int8 codes are screened as stored: the blocks are views of one aligned segment of whole blocks.
+            store = store.aligned(_round_up(count, self.block))
         store.reserve(count // 16 + 1024)
         self._store = store
         self._spare_block = _SpareBlock()
@@ -116,6 +119,10 @@ class AnchorIndex:
         self.max_residual = self.max_norm = 0.0
         self._blocks = []
         self._screen_into_blocks(0, count)
+
+    def _codes_in_blocks(self):
+        """Whether the screening blocks are the stored int8 codes themselves (one CPU device), not a copy."""
+        return self.dtype == "int8" and self.mesh is None
 
     def _screen_into_blocks(self, start, stop):
         """Screens slots [start, stop) of the store into the blocks: fills the last partial one, adds more.
@@ -139,16 +146,19 @@ class AnchorIndex:
                 if not partial.claim(lo - offset, hi - offset):
                     partial = partial.copy(hi - offset)
             else:
-                values, scales = self._spare_block.take(self.block, self.dim, self.dtype == "int8")
+                view = self._store.block_view(offset, self.block) if self._codes_in_blocks() else None
+                values, scales = view or self._spare_block.take(self.block, self.dim, self.dtype == "int8")
                 partial = _Partial(values, scales, hi - offset)
                 bias = _aligned_full(self.block, -np.inf)
             for first, stored, stored_scales in self._store.pieces(lo, hi):
                 at = first - offset
                 exact = _decompress(stored, stored_scales)
                 if self.dtype == "int8":
-                    # The codes are screened as stored: no rounding residual.
-                    partial.values[at : at + len(stored)] = stored
-                    partial.scales[at : at + len(stored)] = stored_scales
+                    # The codes are screened as stored: no rounding residual (and nothing to write when the
+                    # block is a view of the store).
+                    if not np.may_share_memory(partial.values, stored):
+                        partial.values[at : at + len(stored)] = stored
+                        partial.scales[at : at + len(stored)] = stored_scales
                     norm = _max_row_norm(exact)
                 else:
                     residual, norm = _screen_bfloat16(exact, partial.values[at : at + len(stored)])
@@ -276,6 +286,37 @@ class AnchorIndex:
         """Bytes of the stored anchors (values plus int8 scales), without the screening copy."""
         per_row = self.dim * self._store.itemsize + (0 if self._store.scales is None else 4)
         return int(self.size * per_row)
+
+    @property
+    def resident_nbytes(self):
+        """Bytes this index keeps in memory: the stored anchors with their spare rows for appends, the
+        screening blocks (counted once where they are the stored int8 codes), their masks, and the spare
+        block kept ready for appends. Memory shared with the caller's array counts too."""
+        buffers = {}
+
+        def add(array):
+            root = array
+            while isinstance(root.base, np.ndarray):
+                root = root.base
+            buffers[root.ctypes.data] = root.nbytes
+
+        for array in self._store.values + (self._store.scales or []):
+            add(array)
+        for array in self._spare_block.arrays or ():
+            add(array)
+        for entry in self._blocks:
+            if entry[5] is not None:
+                for array in (entry[5][0].values, entry[5][0].scales, entry[5][1]):
+                    add(array)
+        spans = sorted((start, start + size) for start, size in buffers.items())
+        total = sum(size for size in buffers.values())
+        for entry in self._blocks:
+            for array in entry[:3]:
+                pointer = array.unsafe_buffer_pointer() if len(array.devices()) == 1 else None
+                at = bisect.bisect_right(spans, (pointer, math.inf)) - 1 if pointer is not None else -1
+                if at < 0 or spans[at][1] <= pointer:
+                    total += array.nbytes  # on the device only (a copy, or a mesh's shards)
+        return total
 
     def _live_slots(self):
         """The slot of each row, in row order."""
@@ -507,6 +548,27 @@ class _Store:
                 scales = None if self.scales is None else self.scales[number][a - start : b - start]
                 out.append((a, values[a - start : b - start], scales))
         return out
+
+    def aligned(self, rows):
+        """This store, or a copy whose first segment is aligned (`_aligned_zeros`) with room for `rows` slots."""
+        values, scales = self.values[0], None if self.scales is None else self.scales[0]
+        if len(self.values) == 1 and len(values) >= rows and _is_aligned(values) and (scales is None or _is_aligned(scales)):
+            return self
+        used_values, used_scales = self.slice(0, self.used)
+        values = _aligned_zeros((rows,) + values.shape[1:], values.dtype)
+        values[: self.used] = used_values
+        if scales is not None:
+            scales = _aligned_zeros(rows, np.float32)
+            scales[: self.used] = used_scales
+        return _Store(values, scales, self.used)
+
+    def block_view(self, offset, rows):
+        """(values, scales) views of slots [offset, offset + rows) when the first segment holds them aligned
+        (for a zero-copy placement on the device), else None."""
+        values, scales = self.values[0][offset : offset + rows], None if self.scales is None else self.scales[0][offset : offset + rows]
+        if len(values) < rows or not _is_aligned(values) or scales is None or not _is_aligned(scales):
+            return None
+        return values, scales
 
     def slice(self, lo, hi):
         """Slots [lo, hi) -> (values, scales or None): a view when they lie in one segment."""
@@ -797,6 +859,10 @@ def _aligned_zeros(shape, dtype, alignment=64):
     raw = np.zeros(nbytes + alignment, np.uint8)
     skip = -raw.ctypes.data % alignment
     return raw[skip : skip + nbytes].view(dtype).reshape(shape)
+
+
+def _is_aligned(array, alignment=64):
+    return array.ctypes.data % alignment == 0
 
 
 def _aligned_copy(array):

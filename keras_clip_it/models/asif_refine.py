@@ -133,6 +133,13 @@ class RefinedIndex:
         the float32 rows of the outliers."""
         return self.index.nbytes + self.residual_norms.nbytes + self._outlier_rows.nbytes + self.outliers.nbytes
 
+    @property
+    def resident_nbytes(self):
+        """Bytes this index keeps in memory: the int8 index's (`AnchorIndex.resident_nbytes`: its codes are
+        its screening blocks), the residual norms and the outliers' float32 rows. The other float32 rows
+        stay where `exact_rows` keeps them."""
+        return self.index.resident_nbytes + self.residual_norms.nbytes + self._outlier_rows.nbytes + self.outliers.nbytes
+
     def topk(self, queries, k, batch_size=256):
         """The k largest inner products of each query with `exact_rows`, exactly, as `AnchorIndex.topk`.
 

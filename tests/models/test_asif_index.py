@@ -290,7 +290,8 @@ def test_many_small_changes_equal_a_rebuild(dtype):
         index = index.append(change[1]) if change[0] == "add" else index.remove(change[1])
     final = mirrored(anchors, changes)
     rebuilt = AnchorIndex(final, dtype=dtype, block=index.block)
-    assert index.size == len(final) and len(index._store.values) > 2
+    # Appends spilled past the first segment (int8's first one has room up to its last block's end).
+    assert index.size == len(final) and len(index._store.values) >= 2
     np.testing.assert_array_equal(index.stored, rebuilt.stored)
     got, want = index.topk(queries, 25), rebuilt.topk(queries, 25)
     np.testing.assert_array_equal(got[1], want[1])

@@ -100,6 +100,13 @@ def test_resident_bytes():
         assert refined.nbytes / anchors.nbytes <= 0.26
         np.testing.assert_array_equal(np.sort(np.argsort(-refined.residual_norms)[:4]), refined.outliers)
         assert refined.max_residual == np.sort(refined.residual_norms)[-5]
+        # In memory the int8 codes are also the screening blocks: beyond what is stored, the index keeps
+        # a mask per slot, the spare rows (1/16 and 1,024 more) and the spare block for appends.
+        index, full = refined.index, AnchorIndex(anchors)
+        assert index._blocks[0][0].unsafe_buffer_pointer() == index._store.values[0].ctypes.data
+        spare_rows = 4096 // 16 + 1024 + index.block
+        assert refined.resident_nbytes <= refined.nbytes + 4096 * 4 + spare_rows * (dim + 4) + 512
+        assert full.resident_nbytes >= anchors.nbytes + 4096 * (2 * dim + 4)
 
 
 def test_bad_exact_rows_are_refused_with_what_to_do():
