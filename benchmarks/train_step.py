@@ -27,6 +27,13 @@ runtimes, PyTorch's OpenMP first, lose most of their time), with two warm-up ste
 wall-clock steps/s. Recompilations are counted after the first step: XLA compilations on JAX
 (jax.monitoring), traces of the train step on both Keras backends. The sides run in turn for `--rounds` rounds and each keeps its best round.
 
+Every side runs with glibc's malloc told to keep freed memory for reuse (`--malloc reuse`, the default:
+GLIBC_TUNABLES with one arena, no mmap for large blocks, no trimming; `--malloc default` leaves glibc as
+it is). XLA:CPU allocates each step's temporaries (about 130 MB here) as one block from a worker thread;
+glibc serves such a block with a fresh mmap and unmaps it when freed, so every JAX step page-faulted
+~31,000 pages back in (about 50 ms of kernel time a step). PyTorch's smaller per-operation allocations
+are reused by glibc either way. docs/training.md gives the setting for training on CPU.
+
 Usage:
     python benchmarks/train_step.py            # writes benchmarks/results/train_step.json and .md
     python benchmarks/train_step.py --steps 50 --rounds 3 --cores 2
@@ -57,6 +64,8 @@ SIZES = {
     "context_length": 24,
     "projection_dim": 128,
 }
+# Keep freed memory in the process: one arena, large blocks from the heap, no trimming.
+MALLOC_REUSE = "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
 SIDES = ["ours-jax", "ours-tensorflow", "keras-hub-jax", "keras-hub-tensorflow", "keras-hub-tensorflow-xla", "pytorch"]
 DISTINCT_BATCHES = 4
 LEARNING_RATE = 1e-4
@@ -84,11 +93,16 @@ class Clock:
 
     def __init__(self):
         self.wall, self.cpu = time.perf_counter(), time.process_time()
+        self.usage = resource.getrusage(resource.RUSAGE_SELF)
 
     def rates(self, steps):
+        cpu = time.process_time() - self.cpu
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "steps_per_second": steps / (time.perf_counter() - self.wall),
-            "steps_per_cpu_second": steps / (time.process_time() - self.cpu),
+            "steps_per_cpu_second": steps / cpu,
+            "page_faults_per_step": (usage.ru_minflt - self.usage.ru_minflt) / steps,
+            "kernel_share_of_cpu": (usage.ru_stime - self.usage.ru_stime) / cpu,
         }
 
 
@@ -393,8 +407,10 @@ def run_side(side, steps, cores):
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def spawn(side, steps, cores):
+def spawn(side, steps, cores, malloc):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
+    if malloc == "reuse":
+        env["GLIBC_TUNABLES"] = MALLOC_REUSE
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
     if side != "pytorch":
         env["KERAS_BACKEND"] = "tensorflow" if "tensorflow" in side else "jax"
@@ -416,7 +432,7 @@ COMPARISONS = [
 ]
 
 
-def report(results, runs, steps, rounds, cores):
+def report(results, runs, steps, rounds, cores, malloc):
     ratios = {
         metric: {f"{side} / {reference}": results[side][metric] / results[reference][metric]
                  for side, reference in COMPARISONS}
@@ -439,6 +455,7 @@ def report(results, runs, steps, rounds, cores):
         "timed_steps": steps,
         "rounds": rounds,
         "cores_per_side": cores,
+        "malloc": f"GLIBC_TUNABLES={MALLOC_REUSE}" if malloc == "reuse" else "glibc defaults",
         "cpu_count": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
         "pytorch_side": "towers built with torch.nn as open_clip builds them; open_clip's own ClipLoss",
@@ -458,22 +475,25 @@ def write_markdown(summary, path):
         + f"; AdamW; {summary['timed_steps']} timed steps after two warm-up steps, best of "
         f"{summary['rounds']} round(s), each side in its own process pinned to {summary['cores_per_side']} of the "
         f"machine's {summary['cpu_count']} CPU cores (load average at the end "
-        f"{summary['load_average_at_end'][0]:.1f}). PyTorch side: {summary['pytorch_side']}.",
+        f"{summary['load_average_at_end'][0]:.1f}). PyTorch side: {summary['pytorch_side']}. "
+        f"Every side's malloc: {summary['malloc']}.",
         "",
         "Steps per CPU-second divides the steps by the CPU time of the side's process (all its threads): on a "
         "shared machine it measures the work a step costs, while wall-clock steps/s also measures what the "
         "other processes left over.",
         "",
         "| side | steps per CPU-second | wall steps/s | first step (s) | retraces after step 1 "
-        "| XLA compiles after step 1 | jit_compile | peak memory (MB) | parameters |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| XLA compiles after step 1 | jit_compile | peak memory (MB) | page faults a step | kernel share of CPU "
+        "| parameters |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for side, result in summary["results"].items():
         lines.append(
             f"| {side} | {result['steps_per_cpu_second']:.3f} | {result['steps_per_second']:.3f} | "
             f"{result['first_step_seconds']:.1f} | {_cell(result['retraces_after_step_1'], 'n/a (eager)')} | "
             f"{_cell(result['xla_compiles_after_step_1'], 'n/a (JAX only)')} | {result['jit_compile']} | "
-            f"{result['peak_memory_mb']:.0f} | {result['parameters']:,} |"
+            f"{result['peak_memory_mb']:.0f} | {result['page_faults_per_step']:.0f} | "
+            f"{100 * result['kernel_share_of_cpu']:.1f}% | {result['parameters']:,} |"
         )
     lines += ["", "| ratio | per CPU-second | wall clock |", "|---|---|---|"]
     for name, value in summary["ratios"]["steps_per_cpu_second"].items():
@@ -495,6 +515,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--cores", type=int, default=1, help="CPU cores each side may use (pinned)")
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES))
+    parser.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
+                        help="glibc malloc settings of every side (see the module docstring)")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # set in the per-side process
     parser.add_argument("--out", default=os.path.join(HERE, "results", "train_step"))
     args = parser.parse_args()
@@ -507,7 +529,7 @@ def main():
     best, runs = {}, {side: [] for side in sides}
     for round_index in range(args.rounds):
         for side in sides:
-            result = spawn(side, args.steps, args.cores)
+            result = spawn(side, args.steps, args.cores, args.malloc)
             runs[side].append({metric: round(result[metric], 4) for metric in METRICS})
             print(f"round {round_index + 1} {side}: {json.dumps(result)}", flush=True)
             if side not in best or result["steps_per_cpu_second"] > best[side]["steps_per_cpu_second"]:
@@ -515,7 +537,7 @@ def main():
     if set(sides) != set(SIDES):
         print(json.dumps(best, indent=1))
         return
-    summary = report(best, runs, args.steps, args.rounds, args.cores)
+    summary = report(best, runs, args.steps, args.rounds, args.cores, args.malloc)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as handle:
         json.dump(summary, handle, indent=1)
