@@ -86,3 +86,22 @@ def test_bad_arguments_say_what_to_do(model, tmp_path):
     (tmp_path / "bad.csv").write_text("path,text\nx.png,hello\n")
     with pytest.raises(ValueError, match="image_column"):
         kci.data.pairs(str(tmp_path / "bad.csv"), model=model, batch_size=1)
+
+
+def test_pipelines_leave_tf_data_autotuning_off(model):
+    # TensorFlow's fit deletes its iterator at the end and then waits for the autotuning thread's next
+    # wake-up (up to as long again as the training): pairs' pipelines start no such thread.
+    import tensorflow as tf
+
+    from keras_clip_it.data.pairs import with_fit_options
+
+    images, captions = tiny_pairs(8)
+    for source in (images, list(images)):  # sliced arrays, and the decoding generator
+        assert kci.data.pairs(source, captions, model=model, batch_size=4).options().autotune.enabled is False
+    assert with_fit_options(tf.data.Dataset.range(3)).options().autotune.enabled is False
+    options = tf.data.Options()
+    options.autotune.enabled = True
+    chosen = tf.data.Dataset.range(3).with_options(options)
+    assert with_fit_options(chosen) is chosen  # an explicit choice is kept
+    assert with_fit_options(images) is images  # arrays go to Keras as they are
+    assert list(with_fit_options(tf.data.Dataset.range(3).prefetch(tf.data.AUTOTUNE)).as_numpy_iterator()) == [0, 1, 2]

@@ -62,6 +62,36 @@ def test_fit_needs_no_labels_and_learns():
     assert history["image_to_text_top1"][-1] > 0.3  # chance is 1/8
 
 
+@pytest.mark.tf_parity
+def test_fit_evaluate_and_predict_turn_tf_data_autotuning_off(monkeypatch):
+    # On TensorFlow, Keras deletes the iterator when fit/evaluate/predict end, which waits for tf.data's
+    # autotuning thread to wake up: a hand-built pipeline reaches Keras with that thread off.
+    model = tiny_model()
+    model.compile()
+    images, captions = tiny_pairs(16)
+    batches = tf.data.Dataset.from_tensor_slices({"images": images, "texts": model.text_encoder.tokenize(captions)})
+    batches = batches.batch(8, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    assert batches.options().autotune.enabled is None
+    received = []
+    for method in ("fit", "evaluate", "predict"):
+        original = getattr(keras.Model, method)
+
+        def recording(self, x=None, *args, _original=original, _method=method, **kwargs):
+            received.append((_method, x, kwargs.get("validation_data")))
+            return _original(self, x, *args, **kwargs)
+
+        monkeypatch.setattr(keras.Model, method, recording)
+    history = model.fit(batches, epochs=1, verbose=0, validation_data=batches).history
+    assert "val_loss" in history
+    assert model.predict(batches, verbose=0)["image_embeddings"].shape == (16, 8)
+    # fit's validation runs through evaluate: every dataset Keras got has autotuning off.
+    assert [method for method, _, _ in received] == ["fit", "evaluate", "predict"]
+    assert received[0][2] is not None
+    for _, x, validation in received:
+        for dataset in (x, validation) if validation is not None else (x,):
+            assert dataset.options().autotune.enabled is False
+
+
 def test_one_forward_pass_and_no_retrace_after_the_first_step():
     model = tiny_model()
     model.compile(optimizer=keras.optimizers.AdamW(1e-3))
