@@ -498,6 +498,8 @@ def main():
     parser.add_argument("--dims", type=int, nargs="+", default=None, help="dimensions")
     parser.add_argument("--only", choices=("throughput", "compression"), default=None,
                         help="one part only; rows of the last run that this one does not measure are kept")
+    parser.add_argument("--random-only", action="store_true",
+                        help="compression on random vectors only (the real-data rows of the last run are kept)")
     args = parser.parse_args()
     if args.quick:
         sizes, dims, rounds, agreement_queries = (20_000, 100_000), (384,), args.rounds or 2, 256
@@ -530,7 +532,7 @@ def main():
             row = compression(sizes[0], dim, agreement_queries, rounds)
             results["compression"].append(row)
             print(json.dumps(row), flush=True)
-        if not args.quick:
+        if not (args.quick or args.random_only):
             results["real_nearest_anchor"] = real_nearest_anchor()
             print(json.dumps(results["real_nearest_anchor"]), flush=True)
             results["real_predictions"] = real_predictions()

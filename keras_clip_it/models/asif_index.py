@@ -16,13 +16,15 @@ runs in float32. This index makes both cheaper without giving up exactness:
    |s~ - q.a| <= |q~| |a - a~| + |q - q~| |a| + float32 rounding. If the last kept screened score is more
    than twice that bound below the k-th, every true top-k anchor is among the kept ones.
 3. Rescoring: the kept candidates are scored exactly against the stored anchors (float32, or float16 /
-   int8 with per-row scales when compressed) and the best k returned. Queries whose certificate fails
+   int8 with per-row scales when compressed) and the best k returned. Gathering their rows waits on
+   memory, not arithmetic, so it runs on every core while the product's threads are idle. Queries whose certificate fails
    (rare: many near-ties at the k-th score) are recomputed by the plain blocked scan.
 
 Results equal a dense float32 computation up to float32 rounding of the inner products (ties excepted).
 Memory stays bounded: one (queries x block) score matrix at a time; anchors are stored once per dtype
 (with 1/16 spare capacity for appends) plus the bfloat16 screening copy (and one spare block), which on
 one CPU device is both the host and the device copy: blocks are placed on the device without a copy.
+int8 codes are screened as they are stored, so on one CPU device their blocks are views of the store.
 
 Changes are incremental (`append`, `remove`, `follow`): an analogy collection that gains or loses 10k
 pairs out of 1M updates its index in O(10k), and the first query after the change costs what any query
