@@ -230,6 +230,11 @@ def run_keras(side, steps):
 
     model.train_step = counting_train_step
     data = tf.data.Dataset.from_tensor_slices(inputs).batch(SIZES["batch_size"], drop_remainder=True).repeat()
+    # What DualEncoder.fit does for ours: without it, TensorFlow's fit can wait at its end for tf.data's
+    # autotuning thread (docs/training.md, TensorFlow on CPU), which the keras-hub sides would pay alone.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    data = data.with_options(options)
     start = time.perf_counter()
     model.fit(data, epochs=1, steps_per_epoch=1, verbose=0)
     first_step = time.perf_counter() - start
