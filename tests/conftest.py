@@ -12,8 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One XLA compilation cache for the run, in a fresh directory removed at exit (nothing carries over
 # between runs), shared with the recipe and multi-device processes the tests start. Many tests build
 # the same small models; their programs differ only in layer names, which the cache key leaves out, so
-# each distinct training step or inference compiles once instead of once per model (a tiny dual
-# encoder's first fit: 40 s, then 4-7 s with the cache, on a loaded 2-core machine).
+# each distinct training step or inference compiles once instead of once per model.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="kci-tests-xla-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
