@@ -66,7 +66,8 @@ def dense_2d(layer, x):
     fast (see the module docstring); other backends and projections call the layer.
 
     Args:
-        layer: a built `keras.layers.Dense` with a bias.
+        layer: a built `keras.layers.Dense`; one that is quantized, has an activation or no bias is
+            called as it is.
         x: (rows, input features) tensor.
 
     Example:
@@ -75,8 +76,9 @@ def dense_2d(layer, x):
     >>> dense_2d(layer, np.ones((3, 8), "float32")).shape
     (3, 4)
     """
-    if keras.backend.backend() != "jax" or layer.kernel.shape[0] <= layer.kernel.shape[1] or layer.bias is None:
-        return layer(x)
+    plain = layer.bias is not None and layer.quantization_mode is None and layer.activation is keras.activations.linear
+    if keras.backend.backend() != "jax" or not plain or layer.kernel.shape[0] <= layer.kernel.shape[1]:
+        return layer(x)  # quantized kernels, activations and widening projections: the layer's own call
     return _narrowing_dense_jax()(x, ops.cast(layer.kernel, x.dtype), ops.cast(layer.bias, x.dtype))
 
 

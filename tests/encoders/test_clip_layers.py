@@ -121,6 +121,20 @@ def test_block_gradients_equal_plain_dense_gradients(monkeypatch, policy):
                                    atol=tolerance)
 
 
+@pytest.mark.parametrize("change", ["int8", "activation"])
+def test_narrowing_projection_keeps_the_layers_own_call_when_quantized_or_activated(change):
+    from keras_clip_it.encoders.clip_layers import dense_2d
+
+    layer = keras.layers.Dense(4, activation="relu" if change == "activation" else None)
+    layer.build((None, 16))
+    layer.set_weights([np.random.RandomState(8).normal(0, 1, (16, 4)).astype("float32"), np.full(4, 0.1, "float32")])
+    if change == "int8":
+        layer.quantize("int8")
+    x = np.random.RandomState(9).normal(0, 1, (6, 16)).astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(dense_2d(layer, x)), keras.ops.convert_to_numpy(layer(x)),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_bad_sizes_are_named():
     with pytest.raises(ValueError, match="multiple of num_heads"):
         CLIPBlock(hidden_dim=30, num_heads=4, intermediate_dim=8)
