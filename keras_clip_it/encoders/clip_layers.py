@@ -231,6 +231,45 @@ class CLIPBlock(keras.layers.Layer):
         weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
         return ops.reshape(ops.einsum("bhqk,bkhd->bqhd", weights, value), (batch * length, self.hidden_dim))
 
+    def call_at(self, x, positions):
+        """The block's output at one token of each sequence: (batch, hidden_dim).
+
+        Equal to `call(x)[arange(batch), positions]`, but only the attention queries, the residuals and
+        the MLP of those tokens are computed: every token still gives its key and value. A tower whose
+        output is pooled at one token (CLIP's class token or end of text) runs its last block this way;
+        for CLIP's towers that skips about a fifth of the blocks' matrix products.
+
+        Args:
+            x: (batch, tokens, hidden_dim) tensor.
+            positions: int (batch,) tensor, the token kept from each sequence.
+
+        Example:
+        >>> block = CLIPBlock(hidden_dim=16, num_heads=2, intermediate_dim=32)
+        >>> x = np.random.RandomState(0).normal(size=(2, 5, 16)).astype("float32")
+        >>> full = np.asarray(block(x))
+        >>> kept = np.asarray(block.call_at(x, np.array([0, 3])))
+        >>> bool(np.allclose(kept, full[[0, 1], [0, 3]], atol=1e-5))
+        True
+        """
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        positions = ops.cast(positions, "int32")
+        x = ops.reshape(x, (batch * length, self.hidden_dim))
+        qkv = self.qkv_dense(self.layer_norm_1(x))
+        rows = ops.arange(batch, dtype="int32") * length + positions
+        query = ops.take(qkv, rows, axis=0)[:, : self.hidden_dim]
+        query = ops.reshape(query, (batch, self.num_heads, self.head_dim))
+        query = query * ops.cast(1.0 / math.sqrt(self.head_dim), query.dtype)
+        qkv = ops.reshape(qkv, (batch, length, 3, self.num_heads, self.head_dim))
+        key, value = qkv[:, :, 1], qkv[:, :, 2]
+        scores = ops.cast(ops.einsum("bhd,bkhd->bhk", query, key), "float32")
+        if self.use_causal_mask:
+            visible = ops.arange(length, dtype="int32")[None, :] <= positions[:, None]
+            scores = ops.where(visible[:, None, :], scores, ops.cast(-1e9, "float32"))
+        weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
+        attended = ops.reshape(ops.einsum("bhk,bkhd->bhd", weights, value), (batch, self.hidden_dim))
+        x = ops.take(x, rows, axis=0) + self.output_dense(attended)
+        return x + dense_2d(self.dense_2, self.activation(self.dense_1(self.layer_norm_2(x))))
+
     def call(self, x, training=None):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         x = ops.reshape(x, (batch * length, self.hidden_dim))

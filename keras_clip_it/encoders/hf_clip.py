@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
+from keras import ops
 from keras_hub.models import Backbone
 
 from keras_clip_it.encoders.clip_layers import CLIPBlock
@@ -36,6 +37,16 @@ ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "relu": "relu"}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+def _blocks_at(blocks, x, positions, training):
+    """Runs `blocks` on the token sequence `x`, the last one only at `positions`: (batch, hidden_dim)."""
+    for block in blocks[:-1]:
+        x = block(x, training=training)
+    if blocks:
+        return blocks[-1].call_at(x, positions)
+    rows = ops.arange(ops.shape(x)[0], dtype="int32") * ops.shape(x)[1] + ops.cast(positions, "int32")
+    return ops.take(ops.reshape(x, (-1, ops.shape(x)[-1])), rows, axis=0)
 
 
 @keras.saving.register_keras_serializable(package="keras_clip_it")
@@ -107,6 +118,22 @@ class CLIPVisionTower(Backbone):
         self.intermediate_activation = intermediate_activation
         self.image_shape = tuple(image_shape)
         self.layer_norm_epsilon = epsilon
+
+    def call_at(self, images, positions, training=False):
+        """The final features at one token of each image: (batch, hidden_dim).
+
+        Equal to `self(images)[arange(batch), positions]`; the last block computes only those tokens
+        (`CLIPBlock.call_at`). `ImageEncoder(pooling="cls")` calls it with zeros.
+
+        Example:
+        >>> tower = CLIPVisionTower(8, 16, num_layers=2, num_heads=2, intermediate_dim=32, image_shape=(32, 32, 3))
+        >>> tower.call_at(np.zeros((1, 32, 32, 3), "float32"), np.zeros((1,), "int32")).shape
+        (1, 16)
+        """
+        if isinstance(images, dict):
+            images = images["images"]
+        x = self.pre_layer_norm(self.embedding(images))
+        return self.layer_norm(_blocks_at(self.encoder_layers, x, positions, training))
 
     def get_config(self):
         return {
@@ -198,6 +225,20 @@ class CLIPTextTower(Backbone):
         self.intermediate_activation = intermediate_activation
         self.max_sequence_length = int(max_sequence_length)
         self.layer_norm_epsilon = epsilon
+
+    def call_at(self, inputs, positions, training=False):
+        """The final features at one token of each sequence: (batch, hidden_dim).
+
+        Equal to `self(inputs)[arange(batch), positions]`; the last block computes only those tokens
+        (`CLIPBlock.call_at`). `TextEncoder(pooling="last")` calls it at each end of text.
+
+        Example:
+        >>> tower = CLIPTextTower(100, 16, 16, num_layers=2, num_heads=2, intermediate_dim=32, max_sequence_length=8)
+        >>> tower.call_at({"token_ids": np.ones((2, 8), "int32")}, np.array([7, 2])).shape
+        (2, 16)
+        """
+        x = self.embedding(inputs["token_ids"])
+        return self.layer_norm(_blocks_at(self.encoder_layers, x, positions, training))
 
     def get_config(self):
         return {

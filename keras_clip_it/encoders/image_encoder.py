@@ -106,6 +106,10 @@ class ImageEncoder(EncoderMixin, keras.Model):
     def call(self, images, training=False):
         x = ops.cast(images, self.compute_dtype)
         x = x * ops.cast(self._scale, x.dtype) + ops.cast(self._offset, x.dtype)
+        if self.pooling == "cls" and hasattr(self.backbone, "call_at") and not keras.backend.is_keras_tensor(x):
+            # A tower that can compute its last block at the class token alone (CLIPVisionTower);
+            # symbolic inputs (shape inference) take the plain path, which gives the same shape.
+            return self.backbone.call_at(x, ops.zeros((ops.shape(x)[0],), "int32"), training=training)
         return self._pool(self.backbone(x, training=training))
 
     def preprocess(self, inputs):

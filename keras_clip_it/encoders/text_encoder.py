@@ -84,14 +84,27 @@ class TextEncoder(EncoderMixin, keras.Model):
         if self.pooling == "cls":
             return outputs[:, 0]
         if self.pooling == "last":
-            last = ops.sum(ops.cast(inputs["padding_mask"], "int32"), axis=1, keepdims=True) - 1
-            return ops.take_along_axis(outputs, ops.maximum(last, 0)[:, :, None], axis=1)[:, 0]
+            return ops.take_along_axis(outputs, self._last_positions(inputs)[:, None, None], axis=1)[:, 0]
         mask = ops.cast(inputs["padding_mask"], outputs.dtype)[..., None]
         total = ops.sum(outputs * mask, axis=1)
         return total / ops.maximum(ops.sum(mask, axis=1), ops.cast(1e-9, outputs.dtype))
 
+    @staticmethod
+    def _last_positions(inputs):
+        """The index of each sequence's last non-padding token (0 for an empty one): int32 (batch,)."""
+        return ops.maximum(ops.sum(ops.cast(inputs["padding_mask"], "int32"), axis=1) - 1, 0)
+
     def call(self, inputs, training=False):
         backbone_inputs = {name: inputs[name] for name in self._backbone_input_names()}
+        mask = inputs["padding_mask"]
+        if self.pooling in ("cls", "last") and hasattr(self.backbone, "call_at") and not keras.backend.is_keras_tensor(mask):
+            # A tower that can compute its last block at the pooled token alone (CLIPTextTower);
+            # symbolic inputs (shape inference) take the plain path, which gives the same shape.
+            if self.pooling == "cls":
+                positions = ops.zeros((ops.shape(mask)[0],), "int32")
+            else:
+                positions = self._last_positions(inputs)
+            return self.backbone.call_at(backbone_inputs, positions, training=training)
         return self._pool(self.backbone(backbone_inputs, training=training), inputs)
 
     def tokenize(self, texts):

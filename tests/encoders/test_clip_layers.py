@@ -89,6 +89,66 @@ def test_towers_roundtrip_and_mixed_precision(tmp_path):
     assert np.isfinite(np.asarray(keras.ops.cast(output, "float32"))).all()
 
 
+def test_towers_call_at_equals_their_sequence_at_the_pooled_tokens():
+    """The last block computed only at the pooled token gives that token's features, through the encoders too."""
+    vision = CLIPVisionTower(8, WIDTH, image_shape=(32, 32, 3), **SIZES)
+    text = CLIPTextTower(50, WIDTH, WIDTH, max_sequence_length=10, **SIZES)
+    _randomise(vision, 10)
+    _randomise(text, 11)
+    images = np.random.RandomState(12).normal(0, 1, (3, 32, 32, 3)).astype("float32")
+    token_ids = np.random.RandomState(13).randint(1, 50, (3, 10)).astype("int32")
+    positions = np.array([9, 0, 4], "int32")
+    rows = np.arange(3)
+    np.testing.assert_allclose(np.asarray(vision.call_at(images, positions)), np.asarray(vision(images))[rows, positions],
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(text.call_at({"token_ids": token_ids}, positions)),
+                               np.asarray(text({"token_ids": token_ids}))[rows, positions], atol=1e-5)
+    # Causal: what follows the kept token does not change it.
+    changed = token_ids.copy()
+    changed[1, 1:] = 7
+    np.testing.assert_allclose(np.asarray(text.call_at({"token_ids": changed}, positions))[1],
+                               np.asarray(text.call_at({"token_ids": token_ids}, positions))[1], atol=1e-6)
+
+    from keras_clip_it.encoders.image_encoder import ImageEncoder
+    from keras_clip_it.encoders.text_encoder import TextEncoder
+
+    encoder = ImageEncoder(vision, image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=1.0,
+                           pooling="cls")
+    pixels = np.random.RandomState(14).randint(0, 256, (3, 32, 32, 3)).astype("uint8")
+    normalised = (pixels.astype("float32") / 255.0 - 0.5) / 0.25
+    np.testing.assert_allclose(np.asarray(encoder(pixels)), np.asarray(vision(normalised))[:, 0], atol=1e-5)
+    lengths = np.array([10, 1, 6])
+    padding_mask = (np.arange(10)[None] < lengths[:, None]).astype("int32")
+    inputs = {"token_ids": token_ids * padding_mask, "padding_mask": padding_mask}
+    text_encoder = TextEncoder(text, preprocessor=None, pooling="last")
+    np.testing.assert_allclose(np.asarray(text_encoder(inputs)),
+                               np.asarray(text({"token_ids": inputs["token_ids"]}))[rows, lengths - 1], atol=1e-5)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="compares JAX gradients")
+def test_call_at_gradients_equal_the_full_sequence_gradients():
+    import jax
+
+    tower = CLIPTextTower(50, WIDTH, WIDTH, max_sequence_length=10, **SIZES)
+    _randomise(tower, 15)
+    weights = [v.value for v in tower.trainable_variables]
+    token_ids = np.random.RandomState(16).randint(1, 50, (3, 10)).astype("int32")
+    positions = np.array([9, 2, 5], "int32")
+
+    def pooled(weights, at):
+        with keras.StatelessScope(state_mapping=list(zip(tower.trainable_variables, weights))):
+            if at:
+                features = tower.call_at({"token_ids": token_ids}, positions)
+            else:
+                features = tower({"token_ids": token_ids})[np.arange(3), positions]
+        return keras.ops.sum(features * np.linspace(-1, 1, WIDTH, dtype="float32"))
+
+    ours = jax.grad(pooled)(weights, True)
+    want = jax.grad(pooled)(weights, False)
+    for mine, other in zip(ours, want):
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(other), atol=1e-5)
+
+
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="the custom weight gradient is JAX's")
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_block_gradients_equal_plain_dense_gradients(monkeypatch, policy):
