@@ -34,6 +34,9 @@ glibc serves such a block with a fresh mmap and unmaps it when freed, so every J
 ~31,000 pages back in (about 50 ms of kernel time a step). PyTorch's smaller per-operation allocations
 are reused by glibc either way. docs/training.md gives the setting for training on CPU.
 
+Benchmark-only dependencies (never the package's): `pip install torch==2.13.0` (the CPU wheel; a plain
+`torch` pulls CUDA) and `pip install --no-deps open_clip_torch` (for its ClipLoss).
+
 Usage:
     python benchmarks/train_step.py            # writes benchmarks/results/train_step.json and .md
     python benchmarks/train_step.py --steps 50 --rounds 3 --cores 2
@@ -209,6 +212,8 @@ def run_keras(side, steps):
     import keras
     import tensorflow as tf
 
+    from keras_clip_it.data.pairs import with_fit_options
+
     counts = {"traces": 0, "compiles": 0}
     if keras.backend.backend() == "jax":
         import jax
@@ -232,9 +237,7 @@ def run_keras(side, steps):
     data = tf.data.Dataset.from_tensor_slices(inputs).batch(SIZES["batch_size"], drop_remainder=True).repeat()
     # What DualEncoder.fit does for ours: without it, TensorFlow's fit can wait at its end for tf.data's
     # autotuning thread (docs/training.md, TensorFlow on CPU), which the keras-hub sides would pay alone.
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    data = data.with_options(options)
+    data = with_fit_options(data)
     start = time.perf_counter()
     model.fit(data, epochs=1, steps_per_epoch=1, verbose=0)
     first_step = time.perf_counter() - start
@@ -347,6 +350,9 @@ def build_torch():
 
     # open_clip's loss.py imports only torch, so its ClipLoss loads without the package's __init__.
     spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        raise SystemExit("the pytorch side needs open_clip's loss: pip install --no-deps open_clip_torch "
+                         "(and torch==2.13.0); or leave it out with --sides")
     path = os.path.join(spec.submodule_search_locations[0], "loss.py")
     loader = importlib.util.spec_from_file_location("open_clip_loss", path)
     open_clip_loss = importlib.util.module_from_spec(loader)
