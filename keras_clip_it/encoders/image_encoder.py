@@ -32,7 +32,8 @@ class ImageEncoder(EncoderMixin, keras.Model):
         crop_pct: host-side resize of the shorter side to `image_size / crop_pct`, then a centre crop.
         resample: "bilinear", "bicubic", "lanczos" or "nearest".
         pooling: "avg" averages all spatial or token positions, "cls" takes the first token, "none"
-            uses a backbone that already returns (B, C).
+            uses a backbone that already returns (B, C). With "cls", a backbone that has
+            `call_at(images, positions)` (kci's `CLIPVisionTower`) computes its last block at that token alone.
         head: optional layer mapping pooled features to class logits (for example the ImageNet
             classifier of a pretrained CNN), used by `classify`.
         class_names: names of the head's classes.

@@ -29,7 +29,8 @@ class TextEncoder(EncoderMixin, keras.Model):
             "padding_mask" padded to its `sequence_length` (a keras-hub preprocessor or tokenizer+packer).
         pooling: "mean" averages the non-padding tokens (sentence-transformers), "cls" takes the first
             token, "last" the last non-padding token (CLIP's end-of-text token), "pooled" the
-            backbone's own "pooled_output".
+            backbone's own "pooled_output". With "cls" or "last", a backbone that has
+            `call_at(inputs, positions)` (kci's `CLIPTextTower`) computes its last block at that token alone.
         prefix: text put before every input, such as e5's "query: ".
 
     Example:
