@@ -29,3 +29,28 @@ def _seed():
     """Every test starts from the same random state."""
     keras.utils.set_random_seed(0)
     np.random.seed(0)
+
+
+def _shares_suite_fixtures(item):
+    """Whether `item` uses a module- or session-scoped fixture of this suite (a loaded model, a server)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return True
+    return any(
+        definitions[-1].scope != "function" and definitions[-1].baseid  # baseid "": pytest's own fixtures
+        for definitions in info.name2fixturedefs.values()
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests that share no fixture start first.
+
+    scripts/test.sh runs the suite on two pytest-xdist workers, which take whole test modules in
+    collection order: a module with a multi-minute test (a recipe, a multi-device run) left at the end
+    keeps one worker busy while the other has nothing to do. Tests that share a module- or
+    session-scoped fixture keep their place, so a serial run still builds that fixture once.
+    """
+    first = [item for item in items if item.get_closest_marker("slow") and not _shares_suite_fixtures(item)]
+    if first:
+        chosen = set(map(id, first))
+        items[:] = first + [item for item in items if id(item) not in chosen]
