@@ -32,9 +32,9 @@ GLIBC_TUNABLES with one arena, no mmap for large blocks, no trimming, and the he
 pages; `--malloc default` leaves glibc as it is). XLA:CPU allocates each step's temporaries (about
 130 MB here) as one block from a worker thread; glibc serves such a block with a fresh mmap and unmaps it
 when freed, so every JAX step page-faulted ~31,000 pages back in (about 50 ms of kernel time a step).
-With the block kept, 2 MB pages (`glibc.malloc.hugetlb=1`, where the kernel's transparent huge pages are
-`madvise` or `always`) save the address-translation misses of walking it: 1.13-1.16x on JAX, none on
-PyTorch or TensorFlow. PyTorch's smaller per-operation allocations are reused by glibc either way.
+With the block kept, 2 MB pages for the heap (`glibc.malloc.hugetlb=1`, where the kernel's transparent
+huge pages are `madvise` or `always`; fewer address translations to walk it) measured 1.13-1.16x on JAX,
+no change on PyTorch or TensorFlow. PyTorch's smaller per-operation allocations are reused by glibc either way.
 docs/training.md gives the setting for training on CPU.
 
 Benchmark-only dependencies (never the package's): `pip install torch==2.13.0` (the CPU wheel; a plain
