@@ -50,8 +50,8 @@ import numpy as np  # noqa: E402
 
 from keras_clip_it.collections import AnalogyCollection  # noqa: E402
 from keras_clip_it.collections.storage import open_collection, save_collection  # noqa: E402
-from keras_clip_it.models.asif_index import AnchorIndex  # noqa: E402
-from keras_clip_it.models.asif_refine import RefinedIndex  # noqa: E402
+from keras_clip_it.search.index import AnchorIndex  # noqa: E402
+from keras_clip_it.search.refined import RefinedIndex  # noqa: E402
 
 K = 800
 REFERENCE_CHUNK = 100_000  # dic_size in the authors' code
@@ -338,7 +338,7 @@ def real_predictions():
     import hashlib
 
     import keras_clip_it as kci
-    from keras_clip_it.tasks.templates import get_templates
+    from keras_clip_it.templates import get_templates
 
     fashion, emoji = real_data()
     rows = []

@@ -16,7 +16,7 @@ from keras_clip_it.collections.hookspecs import hookimpl  # noqa: E402
 from keras_clip_it.tasks.localization import localize  # noqa: E402
 from keras_clip_it.tasks.retrieval import retrieve  # noqa: E402
 from keras_clip_it.tasks import plot  # noqa: E402
-from keras_clip_it import callbacks, data, losses, serving  # noqa: E402
+from keras_clip_it import cache, callbacks, data, losses, serving  # noqa: E402
 from keras_clip_it.data import datasets  # noqa: E402
 from keras_clip_it.models.dual_encoder import DualEncoder  # noqa: E402
 from keras_clip_it.models.asif import ASIF  # noqa: E402

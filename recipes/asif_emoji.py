@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 import keras_clip_it as kci  # noqa: E402
-from keras_clip_it.encoders import presets  # noqa: E402
+from keras_clip_it.cache import cache_dir  # noqa: E402
 
 TEXT_PRESETS = {"en": "all_minilm_l6_v2", "it": "multilingual_e5_small"}
 KS = (5, 10, 20, 40, 80, 160, 320, 640, 1200)
@@ -39,7 +39,7 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks
 
 def cached_embeddings(encoder, inputs, key):
     """encoder.embed(inputs), cached as .npy under the package cache (keyed by encoder and inputs)."""
-    folder = os.path.join(presets.cache_dir(), "recipes")
+    folder = os.path.join(cache_dir(), "recipes")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"asif_emoji_{encoder.fingerprint[:16]}_{key}.npy")
     if os.path.exists(path):

@@ -41,9 +41,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 import keras_clip_it as kci  # noqa: E402
-from keras_clip_it.encoders import presets  # noqa: E402
+from keras_clip_it.cache import cache_dir  # noqa: E402
 from keras_clip_it.models.asif import unknown_report  # noqa: E402
-from keras_clip_it.tasks.templates import get_templates  # noqa: E402
+from keras_clip_it.templates import get_templates  # noqa: E402
 
 TEXT_PRESETS = {"en": "all_minilm_l6_v2", "it": "multilingual_e5_small"}
 TARGET_ERROR = 0.05
@@ -63,7 +63,7 @@ def image_embeddings(encoder, split, count=None):
     """Embeddings of the first `count` images of a split, cached in chunks under the package cache."""
     (x, _), _ = kci.datasets.fashion_mnist(split)
     count = len(x) if count is None else min(count, len(x))
-    folder = os.path.join(presets.cache_dir(), "recipes", f"fashion_mnist_{encoder.fingerprint[:16]}_{split}")
+    folder = os.path.join(cache_dir(), "recipes", f"fashion_mnist_{encoder.fingerprint[:16]}_{split}")
     os.makedirs(folder, exist_ok=True)
     parts = []
     for start in range(0, count, CHUNK):

@@ -161,9 +161,9 @@ def cached_features(encoder, images, key):
     """
     import numpy as np
 
-    from keras_clip_it.encoders import presets
+    from keras_clip_it.cache import cache_dir
 
-    folder = os.path.join(presets.cache_dir(), "recipes")
+    folder = os.path.join(cache_dir(), "recipes")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"features_{encoder.fingerprint[:16]}_{key}.npy")
     if os.path.exists(path):

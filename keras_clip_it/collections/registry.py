@@ -286,7 +286,7 @@ def _cache_image(collection_name, pair_id, pixels):
     from PIL import Image
 
     from keras_clip_it.data.images import to_rgb_array
-    from keras_clip_it.encoders.presets import cache_dir
+    from keras_clip_it.cache import cache_dir
 
     rgb = to_rgb_array(pixels)
     digest = hashlib.sha1(rgb.tobytes() + repr(rgb.shape).encode()).hexdigest()[:12]

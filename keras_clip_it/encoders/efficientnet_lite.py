@@ -17,7 +17,7 @@ them well, one image at a time (see its docstring): same weights, results equal 
 float32 rounding, and faster than the torch reference (benchmarks/encoders.py, results in
 benchmarks/results/encoders.md).
 
-The converted weights are cached as Keras weights under `presets.cache_dir()`; the cache is checked
+The converted weights are cached as Keras weights under `cache_dir()`; the cache is checked
 (checksum, source file, conversion version) on every load and rebuilt from the `.pth` when it does not match.
 """
 
@@ -35,7 +35,7 @@ from keras import ops
 from keras_hub.src.models.efficientnet.fusedmbconv import FusedMBConvBlock
 from keras_hub.src.models.efficientnet.mbconv import MBConvBlock
 
-from keras_clip_it.encoders import presets
+from keras_clip_it.cache import cache_dir
 from keras_clip_it.encoders.hf_weights import CheckpointError
 from keras_clip_it.encoders.hf_weights import StateDictLoader
 from keras_clip_it.encoders.image_encoder import ImageEncoder
@@ -319,7 +319,7 @@ def load_efficientnet_lite0_imagenet(**kwargs):
     'espresso'
     """
     source = weights_path()
-    cache = os.path.join(presets.cache_dir(), f"{PRESET_NAME}.weights.h5")
+    cache = os.path.join(cache_dir(), f"{PRESET_NAME}.weights.h5")
     stamp = _source_stamp(source)
     if _cache_is_current(cache, stamp):
         try:

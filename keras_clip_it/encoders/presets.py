@@ -63,15 +63,6 @@ HF_CONVERTERS = {
 HF_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "pytorch_model*.bin"]
 
 
-def cache_dir():
-    """The folder for converted weights: $KERAS_CLIP_IT_CACHE, else ~/.cache/keras_clip_it."""
-    path = os.environ.get("KERAS_CLIP_IT_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "keras_clip_it"
-    )
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
 def _call(target, *args, **kwargs):
     module, function = target.split(":")
     return getattr(importlib.import_module(module), function)(*args, **kwargs)

@@ -108,7 +108,7 @@ def embedded_collection(name, image_encoder, text_encoder, chunk=256):
     import numpy as np
 
     import keras_clip_it as kci
-    from keras_clip_it.encoders.presets import cache_dir
+    from keras_clip_it.cache import cache_dir
 
     if name not in kci.collections.available():
         collection = kci.collections.load(name)

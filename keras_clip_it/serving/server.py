@@ -61,9 +61,9 @@ from keras_clip_it.encoders.base import padded_batch_size
 from keras_clip_it.models.asif import UNKNOWN
 from keras_clip_it.models.asif import relative_representation
 from keras_clip_it.models.asif import sparse_inner
-from keras_clip_it.models.asif_index import AnchorIndex
-from keras_clip_it.models.asif_index import follow
-from keras_clip_it.tasks.templates import fill
+from keras_clip_it.search.index import AnchorIndex
+from keras_clip_it.search.index import follow
+from keras_clip_it.templates import fill
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,")
 _LABEL_CACHE_SIZE = 256

@@ -212,7 +212,7 @@ def _unique(values, option):
 
 
 def _templates(args):
-    from keras_clip_it.tasks.templates import get_templates
+    from keras_clip_it.templates import get_templates
 
     name = args.templates or f"{args.lang}-short"
     templates = None if name == "none" else name

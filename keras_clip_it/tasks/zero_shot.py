@@ -4,8 +4,8 @@ import numpy as np
 
 from keras_clip_it.encoders.base import l2_normalize
 from keras_clip_it.tasks.common import similarity
-from keras_clip_it.tasks.templates import fill
-from keras_clip_it.tasks.templates import get_templates
+from keras_clip_it.templates import fill
+from keras_clip_it.templates import get_templates
 
 AGGREGATES = ("mean", "max")
 

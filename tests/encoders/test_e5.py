@@ -222,7 +222,7 @@ def test_preset_is_registered_with_prefix_and_mean_pooling(encoder):
     assert encoder.embedding_dim == 384 and encoder.pooling == "mean" and encoder.prefix == "query: "
     assert encoder.sequence_length == 512
     assert encoder.backbone.layer_norm_epsilon == 1e-12
-    cached = [name for name in os.listdir(kci.encoders.presets.cache_dir()) if name.startswith(e5.PRESET + "-")]
+    cached = [name for name in os.listdir(kci.cache.cache_dir()) if name.startswith(e5.PRESET + "-")]
     assert any(name.endswith(".weights.h5") for name in cached) and any(name.endswith(".spm") for name in cached)
 
 

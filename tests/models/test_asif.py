@@ -17,8 +17,8 @@ from keras_clip_it.collections import AnalogyCollection
 from keras_clip_it.models.asif import ASIF
 from keras_clip_it.models.asif import RelativeRepresentation
 from keras_clip_it.models.asif import sparse_inner
-from keras_clip_it.tasks.templates import ENGLISH
-from keras_clip_it.tasks.templates import get_templates
+from keras_clip_it.templates import ENGLISH
+from keras_clip_it.templates import get_templates
 from tests.helpers import assert_keras_roundtrip
 
 CLASSES = ["cat", "dog", "car", "tree", "boat"]

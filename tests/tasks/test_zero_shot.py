@@ -5,7 +5,7 @@ import pytest
 
 import keras_clip_it as kci
 from keras_clip_it.data.images import load_images
-from keras_clip_it.tasks.templates import fill
+from keras_clip_it.templates import fill
 
 COLOURS = ["red", "green", "blue"]
 

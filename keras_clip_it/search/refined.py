@@ -24,7 +24,7 @@ import threading
 
 import numpy as np
 
-from keras_clip_it.models.asif_index import AnchorIndex, checked_query
+from keras_clip_it.search.index import AnchorIndex, checked_query
 
 _FLOAT32_EPS = 2.0**-24
 # One anchor in OUTLIERS, the one with the largest residual, is kept in float32.
