@@ -32,7 +32,7 @@ _PUBLIC = {
     "hookimpl": ("keras_clip_it.collections.hookspecs", "hookimpl"),
     **{
         name: (f"keras_clip_it.{name}", None)
-        for name in ("cache", "callbacks", "collections", "data", "losses", "serving")
+        for name in ("cache", "callbacks", "collections", "data", "distribution", "losses", "serving")
     },
 }
 # Subpackages reachable as attributes too (`kci.encoders.presets`), as after any import of them.
