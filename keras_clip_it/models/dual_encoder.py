@@ -228,9 +228,10 @@ class DualEncoder(keras.Model):
         """`keras.Model.fit`, with tf.data's autotuning thread off in tf.data inputs (`with_fit_options`).
 
         Why: on TensorFlow, Keras deletes the input's iterator when `fit` ends, and with autotuning on that
-        can wait for the autotuning thread's next wake-up (10, 30, 70, ... ms, ..., 10.23 s, 20.47 s after
-        the iterator started): up to as long again as the training itself. Pipelines from `kci.data.pairs`
-        already have it off; a pipeline whose options set `autotune.enabled` is left as it is.
+        can wait for the autotuning thread's next wake-up, which comes ever later as the iterator ages:
+        up to as long again as the training itself (docs/training.md, "TensorFlow on CPU"). Pipelines
+        from `kci.data.pairs` already have it off; a pipeline whose options set `autotune.enabled` is
+        left as it is.
 
         Args:
             x: the training data, as `keras.Model.fit` takes it (usually `kci.data.pairs(...)`).
