@@ -1,24 +1,58 @@
 """keras-clip-it: image-text models in Keras 3, with Italian as a first-class language.
 
 JAX is the default backend: set ``KERAS_BACKEND`` before importing to choose another.
+
+The public names are imported on first use (PEP 562), so `import keras_clip_it.collections` or
+`keras_clip_it.data` loads neither Keras nor TensorFlow nor JAX: a plugin, a storage tool or a data
+pipeline pays for a backend only when it touches a model. `keras.saving.load_model` finds the package's
+classes once they are imported: in a fresh process, name the model's class first (`kci.DualEncoder`,
+`kci.ASIF`) or load through a `keras-clip-it` command.
 """
 
+import importlib
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 from keras_clip_it.version import __version__  # noqa: E402
-from keras_clip_it.encoders import ImageEncoder  # noqa: E402
-from keras_clip_it.encoders import TextEncoder  # noqa: E402
-from keras_clip_it.tasks import metrics  # noqa: E402
-from keras_clip_it import collections  # noqa: E402
-from keras_clip_it.collections.hookspecs import hookimpl  # noqa: E402
-from keras_clip_it.tasks.localization import localize  # noqa: E402
-from keras_clip_it.tasks.retrieval import retrieve  # noqa: E402
-from keras_clip_it.tasks import plot  # noqa: E402
-from keras_clip_it import cache, callbacks, data, losses, serving  # noqa: E402
-from keras_clip_it.data import datasets  # noqa: E402
-from keras_clip_it.models.dual_encoder import DualEncoder  # noqa: E402
-from keras_clip_it.models.asif import ASIF  # noqa: E402
-from keras_clip_it.tasks.zero_shot import ZeroShotClassifier  # noqa: E402
-from keras_clip_it.tasks.evaluate import evaluate  # noqa: E402
+
+# Public name -> (module, attribute in it; None for the module itself).
+_PUBLIC = {
+    "ImageEncoder": ("keras_clip_it.encoders", "ImageEncoder"),
+    "TextEncoder": ("keras_clip_it.encoders", "TextEncoder"),
+    "DualEncoder": ("keras_clip_it.models.dual_encoder", "DualEncoder"),
+    "ASIF": ("keras_clip_it.models.asif", "ASIF"),
+    "ZeroShotClassifier": ("keras_clip_it.tasks.zero_shot", "ZeroShotClassifier"),
+    "retrieve": ("keras_clip_it.tasks.retrieval", "retrieve"),
+    "localize": ("keras_clip_it.tasks.localization", "localize"),
+    "evaluate": ("keras_clip_it.tasks.evaluate", "evaluate"),
+    "metrics": ("keras_clip_it.tasks.metrics", None),
+    "plot": ("keras_clip_it.tasks.plot", None),
+    "datasets": ("keras_clip_it.data.datasets", None),
+    "hookimpl": ("keras_clip_it.collections.hookspecs", "hookimpl"),
+    **{
+        name: (f"keras_clip_it.{name}", None)
+        for name in ("cache", "callbacks", "collections", "data", "distribution", "losses", "serving")
+    },
+}
+# Subpackages reachable as attributes too (`kci.encoders.presets`), as after any import of them.
+_SUBPACKAGES = ("encoders", "models", "search", "tasks", "templates")
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        module_name, attribute = _PUBLIC[name]
+    elif name in _SUBPACKAGES:
+        module_name, attribute = f"keras_clip_it.{name}", None
+    else:
+        raise AttributeError(f"module 'keras_clip_it' has no attribute {name!r}")
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_PUBLIC, *_SUBPACKAGES})

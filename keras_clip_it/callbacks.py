@@ -1,10 +1,15 @@
 """Training callbacks for dual encoders: the CLIP-Italian schedule of locking and unlocking towers."""
 
 import math
+import weakref
 
 import keras
 
 from keras_clip_it.models.dual_encoder import TOWERS
+
+# The phase-2 learning rate each model was switched to, so that several UnlockTowers (one per tower)
+# switching one model divide its phase-1 rate once; it lives as long as the model, across `fit` calls.
+_PHASE2_LEARNING_RATES = weakref.WeakKeyDictionary()
 
 
 class UnlockTowers(keras.callbacks.Callback):
@@ -58,7 +63,7 @@ class UnlockTowers(keras.callbacks.Callback):
         if learning_rate is None:
             # Another UnlockTowers (say one per tower) may have switched this model to phase 2 already,
             # in this epoch or an earlier one: its rate is the phase-2 rate, not a phase-1 rate to divide.
-            switched = getattr(model, "_phase2_learning_rate", None)
+            switched = _PHASE2_LEARNING_RATES.get(model)
             already = switched is not None and math.isclose(current, switched, rel_tol=1e-6)
             learning_rate = current if already else current / 10.0
         for tower in self.towers:
@@ -66,5 +71,5 @@ class UnlockTowers(keras.callbacks.Callback):
                 model.unlock(tower)
             else:
                 model.lock(tower, self.unlocked_groups)
-        model._set_learning_rate(learning_rate)
-        model._phase2_learning_rate = learning_rate
+        model.set_learning_rate(learning_rate)
+        _PHASE2_LEARNING_RATES[model] = learning_rate

@@ -1,4 +1,4 @@
-"""What the training recipes share: the command line, backend and devices, cached features, results.
+"""What the training recipes share: the command line, backend and devices, results.
 
 Each recipe reads top to bottom as a complete example of building, training and evaluating a
 `kci.DualEncoder`; the plumbing that is the same in all of them lives here. Nothing here imports Keras
@@ -12,8 +12,9 @@ import os
 import platform
 import time
 
+from keras_clip_it.distribution import KINDS
+
 RESULTS_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", "results"))
-DISTRIBUTIONS = ("none", "data-parallel", "tpu")
 # The pretrained text towers: English sentence embeddings, and a multilingual model for Italian.
 TEXT_PRESETS = {"en": "all_minilm_l6_v2", "it": "multilingual_e5_small"}
 
@@ -22,7 +23,7 @@ def parse_args(doc, epochs, batch_size, learning_rate, lang="en", extra=None):
     """The options every recipe takes; `extra(parser)` adds a recipe's own."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--backend", choices=("jax", "tensorflow"), default="jax")
-    parser.add_argument("--distribution", choices=DISTRIBUTIONS, default="none",
+    parser.add_argument("--distribution", choices=KINDS, default="none",
                         help="none: one device; data-parallel: every local device (keras.distribution.DataParallel\n"
                              "on JAX, tf.distribute.MirroredStrategy on TensorFlow); tpu: the TPU cores\n"
                              "(DataParallel on JAX, TPUStrategy on TensorFlow)")
@@ -50,66 +51,23 @@ def set_backend(args):
     """Selects the Keras backend and the host devices; call before importing keras or keras_clip_it."""
     os.environ["KERAS_BACKEND"] = args.backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if args.cpu_devices > 1 and args.backend == "jax":
-        flag = f"--xla_force_host_platform_device_count={args.cpu_devices}"
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     import tensorflow as tf
+
+    from keras_clip_it.distribution import split_host_cpu
 
     # tf.data feeds every backend; it must never take an accelerator away from JAX.
     tf.config.set_visible_devices([], "GPU")
-    if args.cpu_devices > 1 and args.backend == "tensorflow":
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.cpu_devices)
+    split_host_cpu(args.cpu_devices)
 
 
-class Distribution:
-    """Where training runs: `scope()` wraps building and compiling the model, `devices` says how many.
+def distribution(args):
+    """The `kci.distribution.Distribution` of --distribution (and --tpu); a missing TPU ends the run."""
+    from keras_clip_it.distribution import Distribution
 
-    On JAX a `keras.distribution.DataParallel` is set globally: each step is one program over the global
-    batch, sharded by XLA. On TensorFlow the model must be created inside a `tf.distribute` strategy's
-    scope; `fit` then splits every batch over the replicas and the loss gathers the embeddings back.
-    """
-
-    def __init__(self, args):
-        import keras
-
-        self.kind = args.distribution
-        self.strategy = None
-        self.devices = 1
-        if self.kind == "none":
-            return
-        if keras.backend.backend() == "jax":
-            import jax
-
-            if self.kind == "tpu" and jax.default_backend() != "tpu":
-                raise SystemExit(f"--distribution tpu: JAX sees no TPU (its devices: {jax.devices()}); "
-                                 "run on a TPU VM, or use --distribution data-parallel")
-            devices = keras.distribution.list_devices()
-            keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
-            self.devices = len(devices)
-            return
-        import tensorflow as tf
-
-        if self.kind == "tpu":
-            try:
-                resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=args.tpu)
-                tf.config.experimental_connect_to_cluster(resolver)
-                tf.tpu.experimental.initialize_tpu_system(resolver)
-            except (ValueError, tf.errors.OpError) as error:
-                raise SystemExit(f"--distribution tpu: no TPU found ({error}); pass --tpu NAME, run on a TPU VM, "
-                                 "or use --distribution data-parallel") from None
-            self.strategy = tf.distribute.TPUStrategy(resolver)
-        else:
-            gpus = tf.config.list_logical_devices("GPU")
-            devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
-            self.strategy = tf.distribute.MirroredStrategy(devices=devices)
-        self.devices = self.strategy.num_replicas_in_sync
-
-    def scope(self):
-        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
-
-    def describe(self):
-        return f"{self.kind} ({self.devices} device{'s' if self.devices > 1 else ''})"
+    try:
+        return Distribution(args.distribution, tpu=args.tpu)
+    except RuntimeError as error:
+        raise SystemExit(f"--distribution {args.distribution}: {error}") from None
 
 
 def emoji_split(kci, lang, split, quick):
@@ -151,76 +109,6 @@ def text_groups_option(parser):
     parser.add_argument("--text-unlocked-groups", type=int, default=None,
                         help="train only the top N groups of the text tower (default: every block above the\n"
                              "token embeddings; fewer make each step cheaper on CPU)")
-
-
-def cached_features(encoder, images, key):
-    """`encoder.embed(images)`, cached as .npy under the package cache, keyed by the encoder's weights.
-
-    A locked tower gives the same features in every epoch, so they are computed once and reused by
-    later runs (and by the other language).
-    """
-    import numpy as np
-
-    from keras_clip_it.cache import cache_dir
-
-    folder = os.path.join(cache_dir(), "recipes")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"features_{encoder.fingerprint[:16]}_{key}.npy")
-    if os.path.exists(path):
-        return np.load(path, allow_pickle=False)
-    features = encoder.embed(images, progress=False)
-    np.save(path + ".tmp.npy", features)
-    os.replace(path + ".tmp.npy", path)
-    return features
-
-
-def _cached_features_layer():
-    import keras
-    import numpy as np
-
-    class CachedFeatures(keras.layers.Layer):
-        """Stands in for a locked image tower whose features were computed once: passes them through.
-
-        A `DualEncoder` built on it trains its heads (and the text tower) on cached features; the heads
-        then move to the model with the real tower (`copy_heads`). Its `preprocess` stacks feature rows,
-        so `encode_images(list(features))` works as with pixels.
-        """
-
-        def __init__(self, embedding_dim, **kwargs):
-            super().__init__(**kwargs)
-            self.embedding_dim = int(embedding_dim)
-
-        def call(self, features, training=False):
-            return features
-
-        def preprocess(self, rows):
-            return np.asarray(np.stack(rows), np.float32)
-
-    return CachedFeatures
-
-
-def CachedFeatures(embedding_dim):  # noqa: N802 (a class, made on first use: Keras is imported late)
-    """A pass-through image tower for features computed once by a locked tower."""
-    return _cached_features_layer()(embedding_dim, name="cached_image_features")
-
-
-def feature_pairs(features, tokens, batch_size, seed):
-    """The `fit` input of a model on `CachedFeatures`: what `kci.data.pairs` gives, with features for pixels."""
-    import tensorflow as tf
-
-    dataset = tf.data.Dataset.from_tensor_slices({"images": features, "texts": tokens})
-    dataset = dataset.shuffle(len(features), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-
-
-def copy_heads(source, target):
-    """Copies the projection heads and the temperature of one dual encoder into another."""
-    import numpy as np
-
-    for name in ("image_projection", "text_projection"):
-        getattr(target, name).set_weights(getattr(source, name).get_weights())
-    # A numpy copy: on JAX the two models must not share one buffer (a step may donate it).
-    target.log_logit_scale.assign(np.asarray(source.log_logit_scale))
 
 
 class Timer:

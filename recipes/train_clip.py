@@ -77,7 +77,7 @@ def text_tower(captions):
 
 
 keras.utils.set_random_seed(args.seed)
-distribution = common.Distribution(args)
+distribution = common.distribution(args)
 timer = common.Timer()
 train_images, train_captions = common.emoji_split(kci, args.lang, "train", args.quick)
 test_images, test_captions = common.emoji_split(kci, args.lang, "test", args.quick)

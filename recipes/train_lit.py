@@ -9,12 +9,12 @@ pretrained transformer expects them.
 
 Because the image tower is locked, its features are the same in every epoch: they are computed once
 (and cached across runs) and training feeds them in place of pixels, through a `DualEncoder` whose image
-tower is a `common.CachedFeatures` stand-in. A linear projection without bias followed by L2
-normalisation does not care about the scale of its input, so the cached (normalised) features give
-exactly the embeddings of the real tower. After `fit`, the trained heads move into the real model
-(EfficientNet-Lite0 + the trained text tower), which is checked against the training model on real
-test images and can be saved and served. The tower runs at the emoji's own 128 px: 224 px would only
-upsample the drawings, at three times the cost.
+tower is a `CachedFeatures` stand-in (keras_clip_it/models/feature_cache.py). A linear projection
+without bias followed by L2 normalisation does not care about the scale of its input, so the cached
+(normalised) features give exactly the embeddings of the real tower. After `fit`, the trained heads move
+into the real model (EfficientNet-Lite0 + the trained text tower), which is checked against the training
+model on real test images and can be saved and served. The tower runs at the emoji's own 128 px: 224 px
+would only upsample the drawings, at three times the cost.
 
 Beside it, ASIF with the same frozen towers on the same split: what the pairs give without training.
 
@@ -42,9 +42,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_clip_it as kci  # noqa: E402
+from keras_clip_it.models.feature_cache import CachedFeatures  # noqa: E402
+from keras_clip_it.models.feature_cache import cached_features  # noqa: E402
+from keras_clip_it.models.feature_cache import copy_heads  # noqa: E402
+from keras_clip_it.models.feature_cache import feature_pairs  # noqa: E402
 
 keras.utils.set_random_seed(args.seed)
-distribution = common.Distribution(args)
+distribution = common.distribution(args)
 timer = common.Timer()
 train_images, train_captions = common.emoji_split(kci, args.lang, "train", args.quick)
 test_images, test_captions = common.emoji_split(kci, args.lang, "test", args.quick)
@@ -63,24 +67,24 @@ with distribution.scope():
 # The locked tower's features, once for the whole run.
 with timer("image features"):
     key = f"emoji_{IMAGE_SIZE}px_{len(train_images)}_{len(test_images)}"
-    features = common.cached_features(image_encoder, np.concatenate([train_images, test_images]), key)
+    features = cached_features(image_encoder, np.concatenate([train_images, test_images]), key)
     train_features, test_features = features[: len(train_images)], features[len(train_images):]
 
 # The training model: the same text tower, fed cached image features.
 with distribution.scope():
-    trainer = kci.DualEncoder(common.CachedFeatures(image_encoder.embedding_dim), text_encoder, projection_dim=256)
+    trainer = kci.DualEncoder(CachedFeatures(image_encoder.embedding_dim), text_encoder, projection_dim=256)
     trainer.lock("text", unlocked_groups=text_groups)
     steps = epochs * (len(train_captions) // args.batch_size)
     learning_rate = keras.optimizers.schedules.CosineDecay(
         0.0, decay_steps=steps - steps // 10, warmup_target=args.learning_rate, warmup_steps=steps // 10
     )
     trainer.compile(optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=0.1))
-pairs = common.feature_pairs(train_features, text_encoder.tokenize(train_captions), args.batch_size, args.seed)
+pairs = feature_pairs(train_features, text_encoder.tokenize(train_captions), args.batch_size, args.seed)
 with timer("fit"):
     history = trainer.fit(pairs, epochs=epochs, verbose=2)
 
 # Move the trained heads into the real model, and check it on real test images.
-common.copy_heads(trainer, model)
+copy_heads(trainer, model)
 with timer("evaluate"):
     text_embeddings = model.encode_texts(test_captions)
     image_embeddings = trainer.encode_images(list(test_features))

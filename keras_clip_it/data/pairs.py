@@ -25,11 +25,10 @@ ON_ERROR = ("raise", "skip")
 def with_fit_options(data):
     """Turns off tf.data's autotuning thread, which TensorFlow's `fit` waits for, unless the options set it.
 
-    Why: with autotuning on, each iterator starts a thread that wakes 10, 30, 70, 150, ... ms after the
-    iterator starts (the period doubles), and under TensorFlow 2.21 deleting the iterator can wait for
-    that thread's next wake-up. Keras' TensorFlow `fit` deletes its iterator on the calling thread as it returns, and then
-    ends on that grid (seen on repeated pipelines read with `steps_per_epoch`, and on NumPy inputs): a
-    `fit` whose steps took 6 s returns after 10.23 s, one of 1 s after 1.27 s, whatever the model. On
+    Why: with autotuning on, each iterator starts a thread whose wake-ups grow further apart, and under
+    TensorFlow 2.21 deleting the iterator can wait for that thread's next wake-up. Keras' TensorFlow
+    `fit` deletes its iterator on the calling thread as it returns, so the call can end seconds after
+    its last step, whatever the model (docs/training.md, "TensorFlow on CPU", has the measurements). On
     JAX, Keras reads the iterator from Python and nothing waits.
     With autotuning off there is no such thread; `prefetch(tf.data.AUTOTUNE)` still grows its buffer as
     it runs and `map(num_parallel_calls=tf.data.AUTOTUNE)` runs one call per core. `DualEncoder.fit`,

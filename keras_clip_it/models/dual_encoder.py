@@ -228,9 +228,10 @@ class DualEncoder(keras.Model):
         """`keras.Model.fit`, with tf.data's autotuning thread off in tf.data inputs (`with_fit_options`).
 
         Why: on TensorFlow, Keras deletes the input's iterator when `fit` ends, and with autotuning on that
-        can wait for the autotuning thread's next wake-up (10, 30, 70, ... ms, ..., 10.23 s, 20.47 s after
-        the iterator started): up to as long again as the training itself. Pipelines from `kci.data.pairs`
-        already have it off; a pipeline whose options set `autotune.enabled` is left as it is.
+        can wait for the autotuning thread's next wake-up, which comes ever later as the iterator ages:
+        up to as long again as the training itself (docs/training.md, "TensorFlow on CPU"). Pipelines
+        from `kci.data.pairs` already have it off; a pipeline whose options set `autotune.enabled` is
+        left as it is.
 
         Args:
             x: the training data, as `keras.Model.fit` takes it (usually `kci.data.pairs(...)`).
@@ -373,8 +374,22 @@ class DualEncoder(keras.Model):
             optimizer.build(self.trainable_variables)
         return optimizer
 
-    def _set_learning_rate(self, learning_rate):
-        """Sets a constant learning rate, replacing a schedule if there is one; safe during `fit`."""
+    def set_learning_rate(self, learning_rate):
+        """Sets a constant learning rate, replacing a schedule if there is one; safe during `fit`.
+
+        With a schedule the optimizer is replaced by one of the same configuration at the constant rate
+        (its slots start afresh) and a running `fit` rebuilds its training step, as after `lock`; a
+        constant rate is simply assigned. `kci.callbacks.UnlockTowers` calls it when phase 2 begins.
+
+        Args:
+            learning_rate: float, the new learning rate.
+
+        Example:
+        >>> model.compile(optimizer=keras.optimizers.AdamW(1e-3))  # doctest: +SKIP
+        >>> model.set_learning_rate(1e-5)  # doctest: +SKIP
+        """
+        if getattr(self, "optimizer", None) is None:
+            raise ValueError("set_learning_rate needs an optimizer: call model.compile(optimizer=...) first")
         if isinstance(self.optimizer._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
             self._sync_training_state()
             self.optimizer = self._fresh_optimizer(learning_rate)

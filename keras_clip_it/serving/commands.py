@@ -76,10 +76,12 @@ def build_model(args):
 
     import keras_clip_it as kci
 
+    # Naming the classes imports them, which registers them with keras.saving: a fresh process needs it.
+    kinds = (kci.ASIF, kci.DualEncoder)
     names = list(args.collection or [])
     if args.model:
         model = keras.saving.load_model(args.model)
-        if not isinstance(model, (kci.ASIF, kci.DualEncoder)):
+        if not isinstance(model, kinds):
             raise ValueError(f"{args.model} holds a {type(model).__name__}; serve takes an ASIF or a DualEncoder")
         if isinstance(model, kci.DualEncoder) and names:
             raise ValueError("a DualEncoder has no analogy collection: drop --collection")

@@ -69,7 +69,9 @@ def _encoder(kind, preset):
 def _load_keras(path):
     import keras
 
-    import keras_clip_it as kci
+    # Importing the classes registers them with keras.saving, which a fresh process needs to load them.
+    from keras_clip_it.models.asif import ASIF
+    from keras_clip_it.models.dual_encoder import DualEncoder
 
     if not path.endswith(".keras"):
         raise CommandError(
@@ -90,7 +92,7 @@ def _load_keras(path):
         raise CommandError(f"--model {path!r} does not exist: check the path")
     else:
         model = keras.saving.load_model(path)
-    if not isinstance(model, (kci.DualEncoder, kci.ASIF)):
+    if not isinstance(model, (DualEncoder, ASIF)):
         raise CommandError(f"--model {path!r} holds a {type(model).__name__}; the tasks need a DualEncoder or an ASIF")
     return model
 

@@ -221,6 +221,21 @@ def test_locking_after_compile_rebuilds_the_optimizer():
     assert changed(text_before, weights_of(model.text_encoder))
 
 
+def test_set_learning_rate_replaces_a_schedule_and_training_goes_on():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="compile"):
+        model.set_learning_rate(1e-3)
+    model.compile(optimizer=keras.optimizers.AdamW(keras.optimizers.schedules.ExponentialDecay(1e-2, 10, 0.5)))
+    model.fit(dataset(model, 16), epochs=1, verbose=0)
+    model.set_learning_rate(1e-4)
+    heads = weights_of(model.image_projection)
+    model.fit(dataset(model, 16), epochs=1, verbose=0)
+    assert changed(heads, weights_of(model.image_projection))
+    assert math.isclose(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)), 1e-4, rel_tol=1e-6)
+    model.set_learning_rate(2e-4)  # a constant rate is assigned
+    assert math.isclose(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)), 2e-4, rel_tol=1e-6)
+
+
 @pytest.mark.tf_parity
 def test_encode_accepts_raw_inputs_and_matches_the_model():
     model = tiny_model()
