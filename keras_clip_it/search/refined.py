@@ -2,7 +2,7 @@
 
 int8 anchors take a quarter of the bytes of float32, but a top-k computed from them is not the float32
 top-k: on random unit vectors the best and second-best anchors are often closer than int8's score error,
-and the nearest anchor differs from float32's for ~2% of queries. `RefinedIndex` gets the exact float32
+so the nearest anchor often differs from float32's (docs/asif.md measures how often). `RefinedIndex` gets the exact float32
 answer anyway, the way FAISS's IndexRefine and ScaNN's reordering do: the int8 `AnchorIndex` is what stays
 in memory, the float32 rows stay where the collection stores them (usually a memory-mapped `.npy`
 segment) and only the rows of a few candidates per query are read from them.
@@ -24,7 +24,8 @@ import threading
 
 import numpy as np
 
-from keras_clip_it.search.index import AnchorIndex, checked_query
+from keras_clip_it.search.base import checked_query
+from keras_clip_it.search.exact import AnchorIndex
 
 _FLOAT32_EPS = 2.0**-24
 # One anchor in OUTLIERS, the one with the largest residual, is kept in float32.
@@ -35,8 +36,8 @@ class RefinedIndex:
     """An int8 `AnchorIndex` whose top-k is made exact by rescoring candidates against float32 rows.
 
     Memory holds the int8 index, one float32 residual norm per anchor and the float32 rows of the 1 in
-    1,024 anchors with the largest residuals (1,293 bytes per 1280-d anchor: 0.253x float32); the other
-    float32 rows are read only for the candidates each query rescores (benchmarks/asif.py counts them).
+    1,024 anchors with the largest residuals (about a quarter of float32's bytes); the other float32 rows
+    are read only for the candidates each query rescores (docs/asif.md gives both, from benchmarks/asif.py).
     Results equal a dense float32 computation over `exact_rows` (ties within float32 rounding excepted).
 
     The index is a snapshot: after the collection changes, build a new one from the updated int8 index
@@ -89,7 +90,7 @@ class RefinedIndex:
         self.residual_norms, self._max_stored_norm, self._max_exact_norm = self._residuals(chunk)
         # The anchors with the largest residuals (1 in 1,024) stay in memory in float32 and are scored
         # exactly for every query: the bound for all other anchors, which sets how many candidates a query
-        # screens, is then their largest residual (on random 1280-d anchors 0.011 instead of 0.014).
+        # screens, is then their largest residual, lower than the largest of all (docs/asif.md: how much).
         count = self.size // OUTLIERS
         self.outliers = np.sort(np.argpartition(-self.residual_norms, count - 1)[:count]) if count else (
             np.zeros(0, np.int64)
@@ -123,8 +124,8 @@ class RefinedIndex:
 
     def _exact(self, rows, query):
         """Exact scores of one query against `rows` (sorted), read from the float32 rows."""
-        # einsum runs on this thread: a threaded BLAS matrix-vector product per query measured 2.5x slower
-        # on 2 shared cores (waking and syncing its threads costs more than the product).
+        # einsum runs on this thread: a threaded BLAS matrix-vector product per query is slower on a few
+        # shared cores (waking and syncing its threads costs more than the product).
         return np.einsum("md,d->m", self._take(rows), query)
 
     @property

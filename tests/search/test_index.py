@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from keras_clip_it.search.index import AnchorIndex
+from keras_clip_it.search import AnchorIndex
 from tests.helpers import dense_topk, unit
 
 
@@ -89,7 +89,7 @@ def test_k_equal_to_the_collection_and_bad_arguments():
 SHARDED = r"""
 import json, sys
 import jax, numpy as np
-from keras_clip_it.search.index import AnchorIndex
+from keras_clip_it.search import AnchorIndex
 assert len(jax.devices()) == 4, jax.devices()
 rng = np.random.default_rng(4)
 anchors = rng.standard_normal((3000, 24)).astype("float32")
@@ -303,12 +303,12 @@ def test_many_small_changes_equal_a_rebuild(dtype):
 def test_screening_rounds_to_bfloat16_and_measures_its_error():
     import ml_dtypes
 
-    from keras_clip_it.search.index import _screen_bfloat16
+    from keras_clip_it.search.compression import screen_bfloat16
 
     rng = np.random.default_rng(11)
     values = rng.standard_normal((1000, 40)).astype(np.float32)
     out = np.zeros((1000, 40), ml_dtypes.bfloat16)
-    residual, norm = _screen_bfloat16(values, out, chunk=96)
+    residual, norm = screen_bfloat16(values, out, chunk=96)
     rounded = out.astype(np.float32)
     # Within half a unit in the last place of bfloat16 (8 significant bits), as the nearest value is.
     assert np.all(np.abs(rounded - values) <= np.abs(values) * 2.0**-8)
