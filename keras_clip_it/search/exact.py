@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keras_clip_it.collections.analogy_collection import removal_moves
 from keras_clip_it.search.base import AnchorSearch, checked_query, read_index, write_index
 from keras_clip_it.search.blocks import Block, Partial, SpareBlock, Store, aligned_copy, aligned_full
 from keras_clip_it.search.candidates import Candidates, above, kth_largest
@@ -264,8 +265,6 @@ class AnchorIndex(AnchorSearch):
         Args:
             rows: int row numbers in [0, size).
         """
-        from keras_clip_it.collections.analogy_collection import removal_moves
-
         drop = np.unique(np.asarray(rows, dtype=np.int64).ravel())
         if drop.size == 0:
             return self
@@ -315,6 +314,11 @@ class AnchorIndex(AnchorSearch):
     def scales(self):
         """The per-row float32 scales of int8 anchors (N,) in row order, else None."""
         return None if self._store.scales is None else self._store.take(self._live_slots())[1]
+
+    def stored_rows(self, rows):
+        """(values (m, D), int8 scales (m,) or None) of the anchors at `rows` (m,), as they are stored."""
+        rows = np.asarray(rows)
+        return self._store.take(rows if self._slot_of_row is None else self._slot_of_row[rows])
 
     @property
     def nbytes(self):
