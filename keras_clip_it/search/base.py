@@ -98,7 +98,9 @@ def read_index(path, search, mmap_mode=None):
     with open(manifest) as file:
         saved = json.load(file)
     if saved["search"] != search:
-        raise ValueError(f"{path!r} holds a saved {saved['search']}, not {search}: load it with {saved['search']}.load(path)")
+        raise ValueError(
+            f"{path!r} holds a saved {saved['search']}, not {search}: load it with {saved['search']}.load(path)"
+        )
     arrays = {
         name: np.load(os.path.join(path, f"{name}.npy"), mmap_mode=mmap_mode, allow_pickle=False)
         for name in saved["arrays"]

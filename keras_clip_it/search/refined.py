@@ -2,10 +2,10 @@
 
 int8 anchors take a quarter of the bytes of float32, but a top-k computed from them is not the float32
 top-k: on random unit vectors the best and second-best anchors are often closer than int8's score error,
-so the nearest anchor often differs from float32's (docs/asif.md measures how often). `RefinedIndex` gets the exact float32
-answer anyway, the way FAISS's IndexRefine and ScaNN's reordering do: the int8 `AnchorIndex` is what stays
-in memory, the float32 rows stay where the collection stores them (usually a memory-mapped `.npy`
-segment) and only the rows of a few candidates per query are read from them.
+so the nearest anchor often differs from float32's (docs/asif.md measures how often). `RefinedIndex`
+gets the exact float32 answer anyway, the way FAISS's IndexRefine and ScaNN's reordering do: the int8
+`AnchorIndex` is what stays in memory, the float32 rows stay where the collection stores them (usually a
+memory-mapped `.npy` segment) and only the rows of a few candidates per query are read from them.
 
 The result is certified, not just likely. With x an anchor, s c its int8 codes times its scale and r =
 |x - s c| its residual norm (kept per anchor, 4 bytes), Cauchy-Schwarz gives |q.x - q.(s c)| <= |q| r.
@@ -313,10 +313,11 @@ class RefinedIndex(AnchorSearch):
 def _residuals(index, exact_rows, first, chunk=8192):
     """Per-row |x - s c| of `exact_rows` (rows first .. of `index`), float32 rounded up, and the largest
     |s c| and |x| (for rounding bounds)."""
-    residuals = np.empty(len(exact_rows), np.float32)
+    count = exact_rows.shape[0]
+    residuals = np.empty(count, np.float32)
     max_stored = max_exact = 0.0
-    for start in range(0, len(exact_rows), chunk):
-        stop = min(start + chunk, len(exact_rows))
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
         stored, scales = index.stored_rows(np.arange(first + start, first + stop))
         dequantised = stored.astype(np.float64)
         if scales is not None:
