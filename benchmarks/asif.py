@@ -50,8 +50,8 @@ import numpy as np  # noqa: E402
 
 from keras_clip_it.collections import AnalogyCollection  # noqa: E402
 from keras_clip_it.collections.storage import open_collection, save_collection  # noqa: E402
-from keras_clip_it.search.index import AnchorIndex  # noqa: E402
-from keras_clip_it.search.refined import RefinedIndex  # noqa: E402
+from keras_clip_it.search import AnchorIndex  # noqa: E402
+from keras_clip_it.search import RefinedIndex  # noqa: E402
 
 K = 800
 REFERENCE_CHUNK = 100_000  # dic_size in the authors' code

@@ -158,7 +158,7 @@ def index_only(n, dims, repeats, work, results):
     """AnchorIndex alone: build + first query (the reference), steady query, append / remove 10k + first query."""
     import inspect
 
-    from keras_clip_it.search.index import AnchorIndex
+    from keras_clip_it.search import AnchorIndex
 
     k = inspect.signature(ASIF).parameters["k"].default
     anchors = random_unit_file(f"{work}/anchors.npy", n, dims, 1)

@@ -361,7 +361,7 @@ def time_blas(anchors, repeats=50):
     """
     from threadpoolctl import threadpool_limits
 
-    from keras_clip_it.search.index import AnchorIndex
+    from keras_clip_it.search import AnchorIndex
 
     rng = np.random.default_rng(0)
 

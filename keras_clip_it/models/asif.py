@@ -19,8 +19,8 @@ import keras
 import numpy as np
 
 from keras_clip_it.collections.analogy_collection import AnalogyCollection
-from keras_clip_it.search.index import AnchorIndex
-from keras_clip_it.search.index import follow
+from keras_clip_it.search import AnchorIndex
+from keras_clip_it.search import follow
 from keras_clip_it.templates import fill
 
 UNKNOWN = "unknown"
@@ -610,7 +610,7 @@ def relative_representation(index, embeddings, k, p, version, collection=None):
         A `RelativeRepresentation`.
 
     Example:
-    >>> from keras_clip_it.search.index import AnchorIndex
+    >>> from keras_clip_it.search import AnchorIndex
     >>> index = AnchorIndex(np.eye(3, dtype="float32"))
     >>> rep = relative_representation(index, np.array([[1.0, 1.0, 0.0]]), k=2, p=1.0, version=0)
     >>> rep.indices.tolist(), [round(float(v), 3) for v in rep.values[0]]

@@ -2,10 +2,10 @@
 
 int8 anchors take a quarter of the bytes of float32, but a top-k computed from them is not the float32
 top-k: on random unit vectors the best and second-best anchors are often closer than int8's score error,
-and the nearest anchor differs from float32's for ~2% of queries. `RefinedIndex` gets the exact float32
-answer anyway, the way FAISS's IndexRefine and ScaNN's reordering do: the int8 `AnchorIndex` is what stays
-in memory, the float32 rows stay where the collection stores them (usually a memory-mapped `.npy`
-segment) and only the rows of a few candidates per query are read from them.
+so the nearest anchor often differs from float32's (docs/asif.md measures how often). `RefinedIndex`
+gets the exact float32 answer anyway, the way FAISS's IndexRefine and ScaNN's reordering do: the int8
+`AnchorIndex` is what stays in memory, the float32 rows stay where the collection stores them (usually a
+memory-mapped `.npy` segment) and only the rows of a few candidates per query are read from them.
 
 The result is certified, not just likely. With x an anchor, s c its int8 codes times its scale and r =
 |x - s c| its residual norm (kept per anchor, 4 bytes), Cauchy-Schwarz gives |q.x - q.(s c)| <= |q| r.
@@ -19,29 +19,33 @@ The bound holds for any float32 rows, so results are exact with respect to `exac
 int8 codes came from other rows (they are then only slower).
 """
 
+import copy
 import math
+import os
 import threading
 
 import numpy as np
 
-from keras_clip_it.search.index import AnchorIndex, checked_query
+from keras_clip_it.collections.analogy_collection import removal_moves
+from keras_clip_it.search.base import AnchorSearch, checked_query, read_index, write_index
+from keras_clip_it.search.exact import BLOCK, AnchorIndex
 
 _FLOAT32_EPS = 2.0**-24
 # One anchor in OUTLIERS, the one with the largest residual, is kept in float32.
 OUTLIERS = 1024
 
 
-class RefinedIndex:
+class RefinedIndex(AnchorSearch):
     """An int8 `AnchorIndex` whose top-k is made exact by rescoring candidates against float32 rows.
 
     Memory holds the int8 index, one float32 residual norm per anchor and the float32 rows of the 1 in
-    1,024 anchors with the largest residuals (1,293 bytes per 1280-d anchor: 0.253x float32); the other
-    float32 rows are read only for the candidates each query rescores (benchmarks/asif.py counts them).
+    1,024 anchors with the largest residuals (about a quarter of float32's bytes); the other float32 rows
+    are read only for the candidates each query rescores (docs/asif.md gives both, from benchmarks/asif.py).
     Results equal a dense float32 computation over `exact_rows` (ties within float32 rounding excepted).
 
-    The index is a snapshot: after the collection changes, build a new one from the updated int8 index
-    and rows. `rows_read` and `queries_answered` count the float32 rows read and the queries answered
-    since it was built.
+    Changes cost O(change), as the int8 index's do: `append` keeps the new float32 rows in memory beside
+    `exact_rows`, `remove` renumbers rows through a table; neither copies `exact_rows`. `rows_read` and
+    `queries_answered` count the float32 rows read and the queries answered by this index.
 
     Args:
         index: an `AnchorIndex` over the anchors, usually `dtype="int8"` (any dtype works).
@@ -83,62 +87,141 @@ class RefinedIndex:
         self.index = index
         self.exact_rows = exact_rows
         self.size, self.dim = index.size, index.dim
-        self._take = (lambda rows: np.take(exact_rows, rows, axis=0)) if isinstance(exact_rows, np.ndarray) else (
-            lambda rows: np.asarray(exact_rows[rows], np.float32)
-        )
-        self.residual_norms, self._max_stored_norm, self._max_exact_norm = self._residuals(chunk)
+        self._rows = _Rows([exact_rows])
+        self.residual_norms, self._max_stored_norm, self._max_exact_norm = _residuals(index, exact_rows, 0, chunk)
         # The anchors with the largest residuals (1 in 1,024) stay in memory in float32 and are scored
         # exactly for every query: the bound for all other anchors, which sets how many candidates a query
-        # screens, is then their largest residual (on random 1280-d anchors 0.011 instead of 0.014).
+        # screens, is then their largest residual, lower than the largest of all (docs/asif.md: how much).
         count = self.size // OUTLIERS
         self.outliers = np.sort(np.argpartition(-self.residual_norms, count - 1)[:count]) if count else (
             np.zeros(0, np.int64)
         )
-        self._outlier_rows = np.ascontiguousarray(self._take(self.outliers), np.float32).reshape(-1, self.dim)
+        self._outlier_rows = np.ascontiguousarray(self._rows.take(self.outliers), np.float32).reshape(-1, self.dim)
         inliers = np.ones(self.size, bool)
         inliers[self.outliers] = False
         self.max_residual = float(self.residual_norms[inliers].max()) if inliers.any() else 0.0
+        self._start_counting({})
+
+    def _start_counting(self, widths):
         self._lock = threading.Lock()
-        self._widths = {}  # k -> candidates per query to screen first
+        self._widths = widths  # k -> candidates per query to screen first
         self.rows_read = 0
         self.queries_answered = 0
 
-    def _residuals(self, chunk):
-        """Per-row |x - s c| (float32, rounded up), and the largest |s c| and |x| (for rounding bounds)."""
-        stored, scales = self.index.stored, self.index.scales
-        residuals = np.empty(self.size, np.float32)
-        max_stored = max_exact = 0.0
-        for start in range(0, self.size, chunk):
-            stop = min(start + chunk, self.size)
-            dequantised = stored[start:stop].astype(np.float64)
-            if scales is not None:
-                dequantised *= scales[start:stop, None]
-            exact = np.asarray(self.exact_rows[start:stop], np.float64)
-            norms = np.sqrt(np.einsum("ij,ij->i", exact - dequantised, exact - dequantised))
-            # float32 rounding up, so the stored norm never understates the float64 one.
-            residuals[start:stop] = np.nextafter(norms.astype(np.float32), np.float32(np.inf))
-            max_stored = max(max_stored, math.sqrt(np.einsum("ij,ij->i", dequantised, dequantised).max()))
-            max_exact = max(max_exact, math.sqrt(np.einsum("ij,ij->i", exact, exact).max()))
-        return residuals, max_stored, max_exact
+    @classmethod
+    def build(cls, anchors, block=BLOCK, mesh=None):
+        """A refined index over float32 `anchors` (N, D): their int8 `AnchorIndex`, rescored against them.
+
+        `anchors` are kept as given (a memory-mapped array stays on disk), so they must not change.
+        """
+        return cls(AnchorIndex(anchors, dtype="int8", block=block, mesh=mesh), anchors)
+
+    # === Changes ===
+
+    def append(self, anchors):
+        """A new index with float32 `anchors` (n, D) added as rows size .. size + n - 1, kept in memory
+        for rescoring; this index is unchanged."""
+        index = self.index.append(anchors)
+        if index is self.index:
+            return self
+        anchors = np.array(anchors, dtype=np.float32)  # a copy: the caller may change its array
+        norms, max_stored, max_exact = _residuals(index, anchors, self.size)
+        new = copy.copy(self)
+        new.index, new.size = index, index.size
+        new._rows = self._rows.append(anchors)
+        new.residual_norms = np.concatenate([self.residual_norms, norms])
+        new.max_residual = max(self.max_residual, float(norms.max()))
+        new._max_stored_norm = max(self._max_stored_norm, max_stored)
+        new._max_exact_norm = max(self._max_exact_norm, max_exact)
+        new._start_counting(dict(self._widths))
+        return new
+
+    def remove(self, rows):
+        """A new index without the anchors at `rows`, renumbered as `AnchorIndex.remove`; this index is
+        unchanged. The bound on the residuals stays that of the anchors before the removal (still a bound)."""
+        index = self.index.remove(rows)
+        if index is self.index:
+            return self
+        drop = np.unique(np.asarray(rows, dtype=np.int64).ravel())
+        holes, movers = removal_moves(self.size, drop)
+        new = copy.copy(self)
+        new.index, new.size = index, index.size
+        new._rows = self._rows.remove(holes, movers, index.size)
+        norms = self.residual_norms.copy()
+        norms[holes] = norms[movers]
+        new.residual_norms = norms[: index.size]
+        # Outliers keep their float32 rows in memory: the removed ones go, the moved ones get their new rows.
+        renumbered = np.arange(self.size)
+        renumbered[drop] = -1
+        renumbered[movers] = holes
+        outliers = renumbered[self.outliers]
+        kept = outliers >= 0
+        order = np.argsort(outliers[kept])
+        new.outliers = outliers[kept][order]
+        new._outlier_rows = self._outlier_rows[kept][order]
+        new._start_counting(dict(self._widths))
+        return new
+
+    # === Saving ===
+
+    def save(self, path):
+        """Writes the int8 index (in `path`/int8), the float32 rows in row order, the residual norms and
+        the outliers into directory `path`; `load` memory-maps the float32 rows from there."""
+        self.index.save(os.path.join(path, "int8"))
+        exact = np.lib.format.open_memmap(os.path.join(path, "exact_rows.npy"), "w+", np.float32, (self.size, self.dim))
+        for start in range(0, self.size, 8192):
+            exact[start : start + 8192] = self._rows.take(np.arange(start, min(start + 8192, self.size)))
+        exact.flush()
+        del exact
+        options = {"max_residual": self.max_residual, "max_stored_norm": self._max_stored_norm,
+                   "max_exact_norm": self._max_exact_norm}
+        arrays = {"residual_norms": self.residual_norms, "outliers": self.outliers, "outlier_rows": self._outlier_rows}
+        write_index(path, "RefinedIndex", options, arrays)
+
+    @classmethod
+    def load(cls, path, mesh=None):
+        """The index `save` wrote at `path`; its float32 rows stay in the file, memory-mapped."""
+        options, arrays = read_index(path, "RefinedIndex")
+        index = AnchorIndex.load(os.path.join(path, "int8"), mesh=mesh)
+        exact_rows = np.load(os.path.join(path, "exact_rows.npy"), mmap_mode="r")
+        if exact_rows.shape != (index.size, index.dim) or len(arrays["residual_norms"]) != index.size:
+            raise ValueError(f"{path!r}: the float32 rows {exact_rows.shape} do not match the int8 index "
+                             f"({index.size}, {index.dim}): save the index again")
+        refined = cls.__new__(cls)
+        refined.index, refined.exact_rows = index, exact_rows
+        refined.size, refined.dim = index.size, index.dim
+        refined._rows = _Rows([exact_rows])
+        refined.residual_norms, refined.outliers = arrays["residual_norms"], arrays["outliers"]
+        refined._outlier_rows = arrays["outlier_rows"]
+        refined.max_residual = options["max_residual"]
+        refined._max_stored_norm, refined._max_exact_norm = options["max_stored_norm"], options["max_exact_norm"]
+        refined._start_counting({})
+        return refined
 
     def _exact(self, rows, query):
         """Exact scores of one query against `rows` (sorted), read from the float32 rows."""
-        # einsum runs on this thread: a threaded BLAS matrix-vector product per query measured 2.5x slower
-        # on 2 shared cores (waking and syncing its threads costs more than the product).
-        return np.einsum("md,d->m", self._take(rows), query)
+        # einsum runs on this thread: a threaded BLAS matrix-vector product per query is slower on a few
+        # shared cores (waking and syncing its threads costs more than the product).
+        return np.einsum("md,d->m", self._rows.take(rows), query)
 
     @property
     def nbytes(self):
         """Bytes kept in memory per the stored anchors: the index's codes and scales, the residual norms and
         the float32 rows of the outliers."""
-        return self.index.nbytes + self.residual_norms.nbytes + self._outlier_rows.nbytes + self.outliers.nbytes
+        return (
+            self.index.nbytes + self.residual_norms.nbytes + self._outlier_rows.nbytes + self.outliers.nbytes
+            + self._rows.nbytes_in_memory
+        )
 
     @property
     def resident_nbytes(self):
         """Bytes this index keeps in memory: the int8 index's (`AnchorIndex.resident_nbytes`: its codes are
         its screening blocks), the residual norms and the outliers' float32 rows. The other float32 rows
-        stay where `exact_rows` keeps them."""
-        return self.index.resident_nbytes + self.residual_norms.nbytes + self._outlier_rows.nbytes + self.outliers.nbytes
+        stay where `exact_rows` keeps them; appended ones are counted."""
+        return (
+            self.index.resident_nbytes + self.residual_norms.nbytes + self._outlier_rows.nbytes
+            + self.outliers.nbytes + self._rows.nbytes_in_memory
+        )
 
     def topk(self, queries, k, batch_size=256):
         """The k largest inner products of each query with `exact_rows`, exactly, as `AnchorIndex.topk`.
@@ -225,3 +308,73 @@ class RefinedIndex:
             if width < self.size and screened[i, -1] >= floor:
                 needed[i] = width + 1
         return values, rows, needed, read
+
+
+def _residuals(index, exact_rows, first, chunk=8192):
+    """Per-row |x - s c| of `exact_rows` (rows first .. of `index`), float32 rounded up, and the largest
+    |s c| and |x| (for rounding bounds)."""
+    count = exact_rows.shape[0]
+    residuals = np.empty(count, np.float32)
+    max_stored = max_exact = 0.0
+    for start in range(0, count, chunk):
+        stop = min(start + chunk, count)
+        stored, scales = index.stored_rows(np.arange(first + start, first + stop))
+        dequantised = stored.astype(np.float64)
+        if scales is not None:
+            dequantised *= scales[:, None]
+        exact = np.asarray(exact_rows[start:stop], np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", exact - dequantised, exact - dequantised))
+        # float32 rounding up, so the stored norm never understates the float64 one.
+        residuals[start:stop] = np.nextafter(norms.astype(np.float32), np.float32(np.inf))
+        max_stored = max(max_stored, math.sqrt(np.einsum("ij,ij->i", dequantised, dequantised).max()))
+        max_exact = max(max_exact, math.sqrt(np.einsum("ij,ij->i", exact, exact).max()))
+    return residuals, max_stored, max_exact
+
+
+class _Rows:
+    """Float32 rows in row order: the caller's array-like, then appended arrays, renumbered by removals.
+
+    Changes never copy rows into one array (the first part is usually a memory-mapped file): appends add
+    a part, removals move entries of a table from rows to positions in the parts (8 bytes per row, made
+    at the first removal).
+    """
+
+    def __init__(self, parts, where=None):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(part) for part in parts[:-1]])
+        self.where = where  # position of each row in the parts, None while row r is at position r
+
+    @property
+    def nbytes_in_memory(self):
+        """Bytes of the appended rows and of the row table (the first part stays where the caller keeps it)."""
+        return sum(part.nbytes for part in self.parts[1:]) + (0 if self.where is None else self.where.nbytes)
+
+    def take(self, rows):
+        """The float32 rows at `rows` (int array (m,)) -> (m, D)."""
+        at = np.asarray(rows) if self.where is None else self.where[rows]
+        if len(self.parts) == 1:
+            return _take(self.parts[0], at)
+        part = np.searchsorted(self.starts, at, side="right") - 1
+        out = np.empty((len(at), self.parts[0].shape[1]), np.float32)
+        for number in np.unique(part).tolist():
+            inside = part == number
+            out[inside] = _take(self.parts[number], at[inside] - self.starts[number])
+        return out
+
+    def append(self, rows):
+        total = int(self.starts[-1]) + len(self.parts[-1])
+        where = None if self.where is None else np.concatenate([self.where, np.arange(total, total + len(rows))])
+        return _Rows(self.parts + [rows], where)
+
+    def remove(self, holes, movers, size):
+        where = np.arange(int(self.starts[-1]) + len(self.parts[-1])) if self.where is None else self.where.copy()
+        where[holes] = where[movers]
+        return _Rows(self.parts, where[:size])
+
+
+def _take(rows, at):
+    """Rows `at` of an array-like: `np.take` for arrays (faster than indexing), indexing for the others."""
+    if isinstance(rows, np.ndarray):
+        return np.take(rows, at, axis=0)
+    return np.asarray(rows[at], np.float32)
+

@@ -21,7 +21,7 @@ from keras_clip_it.encoders.image_encoder import ImageEncoder
 from keras_clip_it.encoders.text_encoder import TextEncoder
 from keras_clip_it.models.asif import ASIF
 from keras_clip_it.models.asif import UNKNOWN
-from keras_clip_it.search.index import AnchorIndex
+from keras_clip_it.search import AnchorIndex
 from keras_clip_it.models.dual_encoder import DualEncoder
 from keras_clip_it.tasks.zero_shot import ZeroShotClassifier
 from keras_clip_it.version import __version__

@@ -61,8 +61,8 @@ from keras_clip_it.encoders.base import padded_batch_size
 from keras_clip_it.models.asif import UNKNOWN
 from keras_clip_it.models.asif import relative_representation
 from keras_clip_it.models.asif import sparse_inner
-from keras_clip_it.search.index import AnchorIndex
-from keras_clip_it.search.index import follow
+from keras_clip_it.search import AnchorIndex
+from keras_clip_it.search import follow
 from keras_clip_it.templates import fill
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,")

@@ -7,8 +7,8 @@ import pytest
 
 from keras_clip_it.collections import AnalogyCollection
 from keras_clip_it.collections.storage import open_collection, save_collection
-from keras_clip_it.search.index import AnchorIndex
-from keras_clip_it.search.refined import RefinedIndex
+from keras_clip_it.search import AnchorIndex
+from keras_clip_it.search import RefinedIndex
 from tests.helpers import dense_topk, unit
 
 

@@ -34,7 +34,6 @@ costs.
 import bisect
 import concurrent.futures
 import copy
-import functools
 import math
 import os
 import threading
@@ -43,14 +42,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keras_clip_it.collections.memory import prefault
+from keras_clip_it.collections.analogy_collection import removal_moves
+from keras_clip_it.search.base import AnchorSearch, checked_query, read_index, write_index
+from keras_clip_it.search.blocks import Block, Partial, SpareBlock, Store, aligned_copy, aligned_full
+from keras_clip_it.search.candidates import Candidates, above, kth_largest
+from keras_clip_it.search.compression import DTYPES, compress, decompress, max_row_norm, screen_bfloat16
+from keras_clip_it.search.kernels import block_scores, plain_block_scores, shares_memory, sharded_block_topk, to_device
 
-DTYPES = ("float32", "float16", "int8")
 # Anchors per block of the scan: large enough to keep the GEMM efficient and the group-max top-k cheap,
 # small enough that a (queries x block) float32 score matrix stays in cache-friendly megabytes.
 BLOCK = 32768
-# Anchors per group maximum: the host first compares block / GROUP maxima with the running k-th value.
-GROUP = 8
 # bfloat16 keeps 8 significant bits: relative rounding error <= 2**-8.
 _FLOAT32_EPS = 2.0**-24
 # Queries rescored together: their gathered rows (chunk x ~k x D floats) stay in cache.
@@ -59,7 +60,7 @@ _POOL = []
 _POOL_LOCK = threading.Lock()
 
 
-class AnchorIndex:
+class AnchorIndex(AnchorSearch):
     """Anchors (N, D) prepared for exact top-k inner-product search, optionally compressed, updatable.
 
     Changes cost O(change), not O(N): `append` writes new anchors after the stored ones (filling the last
@@ -94,14 +95,47 @@ class AnchorIndex:
         given, anchors = anchors, np.asarray(anchors, dtype=np.float32)
         if anchors.ndim != 2:
             raise ValueError(f"anchors must be (N, D), got shape {anchors.shape}")
-        self.dtype = dtype
-        self.dim = anchors.shape[1]
-        self.mesh = mesh
-        self._block_request = int(block)
-        stored, scales = _compress(anchors, dtype)
+        stored, scales = compress(anchors, dtype)
         if isinstance(given, np.ndarray) and np.may_share_memory(stored, given):
             stored = stored.copy()  # the caller may change its array; this index keeps what it was given
-        self._lay_out(_Store(stored, scales, len(anchors)), len(anchors))
+        self._start(stored, scales, dtype, block, mesh)
+
+    def _start(self, stored, scales, dtype, block, mesh):
+        """Lays out anchors already stored as `dtype` (codes and scales for int8), in row order."""
+        self.dtype = dtype
+        self.dim = stored.shape[1]
+        self.mesh = mesh
+        self._block_request = int(block)
+        self._lay_out(Store(stored, scales, len(stored)), len(stored))
+
+    @classmethod
+    def build(cls, anchors, dtype="float32", block=BLOCK, mesh=None):
+        """`AnchorIndex(anchors, dtype, block, mesh)`: the constructor, under the name every search has."""
+        return cls(anchors, dtype=dtype, block=block, mesh=mesh)
+
+    # === Saving ===
+
+    def save(self, path):
+        """Writes the stored anchors in row order (codes and scales for int8) into directory `path`.
+
+        Only what was stored is saved: loading lays the anchors out again, with no masked slots, and
+        `topk` answers as it does here (a changed index answers as its rebuild does). Never pickles.
+        """
+        arrays = {"stored": self.stored}
+        if self.dtype == "int8":
+            arrays["scales"] = self.scales
+        write_index(path, "AnchorIndex", {"dtype": self.dtype, "block": self._block_request}, arrays)
+
+    @classmethod
+    def load(cls, path, mesh=None):
+        """The index `save` wrote at `path`, its blocks on the devices of `mesh` (one device when None)."""
+        options, arrays = read_index(path, "AnchorIndex")
+        stored, dtype = arrays["stored"], options["dtype"]
+        if dtype not in DTYPES or stored.dtype != np.dtype(dtype) or stored.ndim != 2:
+            raise ValueError(f"{path!r}: stored anchors {stored.dtype} {stored.shape} do not match dtype {dtype!r}")
+        index = cls.__new__(cls)
+        index._start(stored, arrays.get("scales"), dtype, options["block"], mesh)
+        return index
 
     def _lay_out(self, store, count):
         """Places the first `count` slots of `store` (rows in order, none removed) in screening blocks."""
@@ -114,7 +148,7 @@ class AnchorIndex:
             store = store.aligned(_round_up(count, self.block))
         store.reserve(count // 16 + 1024)
         self._store = store
-        self._spare_block = _SpareBlock()
+        self._spare_block = SpareBlock()
         self.size = self._slots = count
         # Row <-> slot tables, None while every slot holds its own row (no removal since the layout).
         self._row_of_slot = self._slot_of_row = None
@@ -129,41 +163,42 @@ class AnchorIndex:
     def _screen_into_blocks(self, start, stop):
         """Screens slots [start, stop) of the store into the blocks: fills the last partial one, adds more.
 
-        Works one block at a time so that preparing 1.5M anchors never holds a second full-size copy.
+        Works one block at a time so that preparing millions of anchors never holds a second full-size copy.
         The error terms of the certificate (`max_residual`, `max_norm`) grow with the new anchors.
 
-        On one CPU device a block's host arrays are the device's arrays (`_to_device` places aligned
+        On one CPU device a block's host arrays are the device's arrays (`to_device` places aligned
         arrays without a copy), so filling the free slots of the last block writes only the new rows,
         in place: every index that shares the block masks those slots (bias -inf) until its own bias,
         a fresh copy of 4 bytes per slot, admits them. The first change written after an index claims
-        its block's free slots (`_Partial.claim`); a second change from the same index copies the block.
+        its block's free slots (`Partial.claim`); a second change from the same index copies the block.
         """
         blocks = list(self._blocks)
         for offset in range(start - start % self.block, stop, self.block):
             number = offset // self.block
             lo, hi = max(start, offset), min(stop, offset + self.block)
             if number < len(blocks):
-                values_device, scales_device, bias, _, _, (partial, bias), _ = blocks[number]
-                bias = _aligned_copy(bias)
+                values_device, scales_device = blocks[number].values, blocks[number].scales
+                partial, bias = blocks[number].host
+                bias = aligned_copy(bias)
                 if not partial.claim(lo - offset, hi - offset):
                     partial = partial.copy(hi - offset)
             else:
                 view = self._store.block_view(offset, self.block) if self._codes_in_blocks() else None
                 values, scales = view or self._spare_block.take(self.block, self.dim, self.dtype == "int8")
-                partial = _Partial(values, scales, hi - offset)
-                bias = _aligned_full(self.block, -np.inf)
+                partial = Partial(values, scales, hi - offset)
+                bias = aligned_full(self.block, -np.inf)
             for first, stored, stored_scales in self._store.pieces(lo, hi):
                 at = first - offset
-                exact = _decompress(stored, stored_scales)
+                exact = decompress(stored, stored_scales)
                 if self.dtype == "int8":
                     # The codes are screened as stored: no rounding residual (and nothing to write when the
                     # block is a view of the store).
                     if not np.may_share_memory(partial.values, stored):
                         partial.values[at : at + len(stored)] = stored
                         partial.scales[at : at + len(stored)] = stored_scales
-                    norm = _max_row_norm(exact)
+                    norm = max_row_norm(exact)
                 else:
-                    residual, norm = _screen_bfloat16(exact, partial.values[at : at + len(stored)])
+                    residual, norm = screen_bfloat16(exact, partial.values[at : at + len(stored)])
                     partial.scales[at : at + len(stored)] = 1.0
                     self.max_residual = max(self.max_residual, residual)
                 self.max_norm = max(self.max_norm, norm)
@@ -171,21 +206,20 @@ class AnchorIndex:
             if number < len(blocks) and partial.shared:
                 values, scales = values_device, scales_device
             else:
-                values, scales = _to_device(partial.values, self.mesh), _to_device(partial.scales, self.mesh)
-                partial.shared = _shares_memory(values, partial.values) and _shares_memory(scales, partial.scales)
+                values, scales = to_device(partial.values, self.mesh), to_device(partial.scales, self.mesh)
+                partial.shared = shares_memory(values, partial.values) and shares_memory(scales, partial.scales)
             # A full block of live bfloat16 anchors needs neither scales nor bias: its product alone.
             plain = self.dtype != "int8" and hi - offset == self.block and not np.isneginf(bias).any()
-            entry = (values, scales, _to_device(bias, self.mesh), offset, hi - offset, None, plain)
-            if hi - offset < self.block:
-                entry = entry[:5] + ((partial, bias), plain)
+            host = (partial, bias) if hi - offset < self.block else None
+            entry = Block(values, scales, to_device(bias, self.mesh), offset, hi - offset, host, plain)
             if number < len(blocks):
                 blocks[number] = entry
             else:
                 blocks.append(entry)
         # Transfers run asynchronously: wait, so the change is done when this returns (not in a query).
-        jax.block_until_ready([entry[:3] for entry in blocks[start // self.block :]])
+        jax.block_until_ready([(entry.values, entry.scales, entry.bias) for entry in blocks[start // self.block :]])
         self._blocks = blocks
-        if self.block - blocks[-1][4] < stop - start:
+        if self.block - blocks[-1].filled < stop - start:
             # The next change of this size needs a new block: have one ready, its pages mapped.
             self._spare_block.prepare(self.block, self.dim, self.dtype == "int8")
 
@@ -207,7 +241,7 @@ class AnchorIndex:
         if not len(anchors):
             return self
         count = len(anchors)
-        stored, scales = _compress(anchors, self.dtype)
+        stored, scales = compress(anchors, self.dtype)
         new = copy.copy(self)
         new._store = self._store.write(self._slots, stored, scales)
         new._slots, new.size = self._slots + count, self.size + count
@@ -231,8 +265,6 @@ class AnchorIndex:
         Args:
             rows: int row numbers in [0, size).
         """
-        from keras_clip_it.collections.analogy_collection import removal_moves
-
         drop = np.unique(np.asarray(rows, dtype=np.int64).ravel())
         if drop.size == 0:
             return self
@@ -255,12 +287,12 @@ class AnchorIndex:
         blocks = list(self._blocks)
         numbers = slots // self.block
         for number in np.unique(numbers).tolist():
-            values, scales, bias, offset, filled, host, _ = blocks[number]
-            bias = _aligned_copy(bias if host is None else host[1])
-            bias[slots[numbers == number] - offset] = -np.inf
-            host = None if host is None else (host[0], bias)
-            blocks[number] = (values, scales, _to_device(bias, self.mesh), offset, filled, host, False)
-        jax.block_until_ready([blocks[number][2] for number in np.unique(numbers).tolist()])
+            entry = blocks[number]
+            bias = aligned_copy(entry.bias if entry.host is None else entry.host[1])
+            bias[slots[numbers == number] - entry.offset] = -np.inf
+            host = None if entry.host is None else (entry.host[0], bias)
+            blocks[number] = entry._replace(bias=to_device(bias, self.mesh), host=host, plain=False)
+        jax.block_until_ready([blocks[number].bias for number in np.unique(numbers).tolist()])
         new._blocks = blocks
         return new
 
@@ -268,7 +300,7 @@ class AnchorIndex:
         """A fresh layout of the live anchors in row order (no masked slots, blocks sized for them)."""
         fresh = copy.copy(self)
         values, scales = self._store.take(self._live_slots())
-        fresh._lay_out(_Store(values, scales, self.size), self.size)
+        fresh._lay_out(Store(values, scales, self.size), self.size)
         return fresh
 
     # === Stored anchors ===
@@ -282,6 +314,11 @@ class AnchorIndex:
     def scales(self):
         """The per-row float32 scales of int8 anchors (N,) in row order, else None."""
         return None if self._store.scales is None else self._store.take(self._live_slots())[1]
+
+    def stored_rows(self, rows):
+        """(values (m, D), int8 scales (m,) or None) of the anchors at `rows` (m,), as they are stored."""
+        rows = np.asarray(rows)
+        return self._store.take(rows if self._slot_of_row is None else self._slot_of_row[rows])
 
     @property
     def nbytes(self):
@@ -307,13 +344,13 @@ class AnchorIndex:
         for array in self._spare_block.arrays or ():
             add(array)
         for entry in self._blocks:
-            if entry[5] is not None:
-                for array in (entry[5][0].values, entry[5][0].scales, entry[5][1]):
+            if entry.host is not None:
+                for array in (entry.host[0].values, entry.host[0].scales, entry.host[1]):
                     add(array)
         spans = sorted((start, start + size) for start, size in buffers.items())
         total = sum(size for size in buffers.values())
         for entry in self._blocks:
-            for array in entry[:3]:
+            for array in (entry.values, entry.scales, entry.bias):
                 pointer = array.unsafe_buffer_pointer() if len(array.devices()) == 1 else None
                 at = bisect.bisect_right(spans, (pointer, math.inf)) - 1 if pointer is not None else -1
                 if at < 0 or spans[at][1] <= pointer:
@@ -413,7 +450,7 @@ class AnchorIndex:
         Two steps. The k best screened candidates first: their k-th exact score E is at most the true k-th,
         so only candidates with screened + bound >= E can still enter the top k (E >= screened k-th - bound,
         so this threshold is never below the one-step screened k-th - 2 bound). Then only those.
-        Candidates come with their k best first (`_Candidates.best`); masked anchors score -inf, below any
+        Candidates come with their k best first (`Candidates.best`); masked anchors score -inf, below any
         threshold. Writes (values, slots, certified) into `out` at [start, stop).
         """
         values, slots, certified = out
@@ -441,8 +478,8 @@ class AnchorIndex:
         """Running top-`kept` screened scores over all blocks, best first, on the host (in slots).
 
         Only entries at or above a lower bound of the final kept-th value are taken from a block
-        (`_above`, which reads the group maxima and the few groups that pass), and they are appended to
-        `_Candidates`, which cuts back to the best `kept` only when its buffer fills: the per-block work is
+        (`above`, which reads the group maxima and the few groups that pass), and they are appended to
+        `Candidates`, which cuts back to the best `kept` only when its buffer fills: the per-block work is
         a comparison of `block / GROUP` maxima, not a top-k. The bound is the running kept-th value; for
         the first block, the kept-th largest group maximum (kept distinct groups reach it, so the kept-th
         value does too). With `optimistic`, it is raised from the start to the value the first block
@@ -454,7 +491,7 @@ class AnchorIndex:
             (values (Q, kept), slots (Q, kept), complete bool (Q,)): each query's k best entries first, in
             no particular order, then the others.
         """
-        candidates = _Candidates(len(queries), kept)
+        candidates = Candidates(len(queries), kept)
         floor = np.full(len(queries), -np.inf, np.float32)
         queries = jnp.asarray(queries)
         pending = self._dispatch(queries, 0, kept)
@@ -462,16 +499,16 @@ class AnchorIndex:
             values, rows = pending
             if number + 1 < len(self._blocks):
                 pending = self._dispatch(queries, number + 1, kept)
-            offset, valid = self._blocks[number][3:5]
+            offset, valid = self._blocks[number].offset, self._blocks[number].filled
             if rows is None:
                 values, group_max = (np.asarray(v) for v in values)
                 if number == 0:
                     expected = math.ceil(2 * kept * valid / self._slots)
                     optimistic = optimistic and expected <= kept // 2
-                    bounds = _kth_largest(group_max, (kept, expected) if optimistic else (kept,))
+                    bounds = kth_largest(group_max, (kept, expected) if optimistic else (kept,))
                     candidates.raise_bound(bounds[0])
                     floor = bounds[-1] if optimistic else floor
-                rows, values, columns = _above(values, group_max, np.maximum(candidates.bound, floor))
+                rows, values, columns = above(values, group_max, np.maximum(candidates.bound, floor))
             else:
                 values, columns = np.asarray(values), np.asarray(rows).astype(np.int64)
                 rows, at = np.nonzero(values > -np.inf)
@@ -482,11 +519,13 @@ class AnchorIndex:
 
     def _dispatch(self, queries, number, kept):
         """Starts the product for block `number` (asynchronously); returns device arrays."""
-        anchors, scales, bias, offset, valid, _, plain = self._blocks[number]
+        entry = self._blocks[number]
         if self.mesh is None:
-            return (_plain_block_scores(queries, anchors) if plain else _block_scores(queries, anchors, scales, bias)), None
+            if entry.plain:
+                return plain_block_scores(queries, entry.values), None
+            return block_scores(queries, entry.values, entry.scales, entry.bias), None
         m = min(kept, self.block // self.mesh.devices.size)
-        return _sharded_block_topk(queries, anchors, scales, bias, valid, mesh=self.mesh, m=m)
+        return sharded_block_topk(queries, entry.values, entry.scales, entry.bias, entry.filled, mesh=self.mesh, m=m)
 
     def dense_topk(self, queries, k, batch_size=256):
         """The plain blocked computation: exact float32 scores per block and a running top-k merge.
@@ -523,274 +562,6 @@ class AnchorIndex:
         return values, rows
 
 
-class _Store:
-    """Stored anchors in slots, as segments: appends fill the last segment's spare rows, then add one.
-
-    Nothing stored is ever copied to make room, so an append costs O(appended rows). Shared by an
-    index and the indexes derived from it: an index reads only its own first slots, so writing after
-    them never changes what an existing index sees. When a derived index already wrote there (two
-    changes made from the same index), the writer gets its own copy instead.
-    """
-
-    def __init__(self, values, scales, used):
-        self.values, self.scales, self.starts, self.used = [values], None if scales is None else [scales], [0], used
-        self.lock = threading.Lock()
-
-    @property
-    def itemsize(self):
-        return self.values[0].itemsize
-
-    def pieces(self, lo, hi):
-        """Slots [lo, hi) as views, one per segment: [(first slot, values, scales or None)]."""
-        out = []
-        for number, start in enumerate(list(self.starts)):
-            values = self.values[number]
-            a, b = max(lo, start), min(hi, start + len(values))
-            if a < b:
-                scales = None if self.scales is None else self.scales[number][a - start : b - start]
-                out.append((a, values[a - start : b - start], scales))
-        return out
-
-    def aligned(self, rows):
-        """This store, or a copy whose first segment is aligned (`_aligned_zeros`) with room for `rows` slots."""
-        values, scales = self.values[0], None if self.scales is None else self.scales[0]
-        if len(self.values) == 1 and len(values) >= rows and _is_aligned(values) and (scales is None or _is_aligned(scales)):
-            return self
-        used_values, used_scales = self.slice(0, self.used)
-        values = _aligned_zeros((rows,) + values.shape[1:], values.dtype)
-        values[: self.used] = used_values
-        if scales is not None:
-            scales = _aligned_zeros(rows, np.float32)
-            scales[: self.used] = used_scales
-        return _Store(values, scales, self.used)
-
-    def block_view(self, offset, rows):
-        """(values, scales) views of slots [offset, offset + rows) when the first segment holds them aligned
-        (for a zero-copy placement on the device), else None."""
-        values, scales = self.values[0][offset : offset + rows], None if self.scales is None else self.scales[0][offset : offset + rows]
-        if len(values) < rows or not _is_aligned(values) or scales is None or not _is_aligned(scales):
-            return None
-        return values, scales
-
-    def slice(self, lo, hi):
-        """Slots [lo, hi) -> (values, scales or None): a view when they lie in one segment."""
-        pieces = self.pieces(lo, hi)
-        if len(pieces) == 1:
-            return pieces[0][1:]
-        scales = None if self.scales is None else np.concatenate([p[2] for p in pieces])
-        return np.concatenate([p[1] for p in pieces]), scales
-
-    def take(self, slots):
-        """Rows at `slots` (int array of any shape) -> (values, scales or None), gathered."""
-        used = bisect.bisect_left(self.starts, self.used)  # segments holding rows; the others are spare
-        values, scales = self.values[:used], None if self.scales is None else self.scales[:used]
-        if len(values) == 1:
-            # `take` gathers rows ~2x faster than fancy indexing.
-            return np.take(values[0], slots, axis=0), None if scales is None else np.take(scales[0], slots)
-        starts = np.asarray(self.starts[: len(values)])
-        segment = np.searchsorted(starts, slots, side="right") - 1
-        out = np.empty(slots.shape + values[0].shape[1:], values[0].dtype)
-        out_scales = None if scales is None else np.empty(slots.shape, np.float32)
-        for number in np.unique(segment).tolist():
-            inside = segment == number
-            out[inside] = values[number][slots[inside] - starts[number]]
-            if scales is not None:
-                out_scales[inside] = scales[number][slots[inside] - starts[number]]
-        return out, out_scales
-
-    @property
-    def capacity(self):
-        return self.starts[-1] + len(self.values[-1])
-
-    def reserve(self, rows):
-        """Adds a segment of `rows` spare slots, its pages mapped in the background."""
-        values = np.empty((rows,) + self.values[0].shape[1:], self.values[0].dtype)
-        scales = None if self.scales is None else np.empty(rows, np.float32)
-        prefault(values)
-        if scales is not None:
-            prefault(scales)
-        self.starts.append(self.capacity)
-        self.values.append(values)
-        if scales is not None:
-            self.scales.append(scales)
-
-    def write(self, at, stored, scales):
-        """Writes rows at slot `at` onward; returns the store now holding them (this one or a copy).
-
-        When fewer spare slots remain than were just written, a segment of 1/16 of the anchors is
-        reserved for the next changes and mapped ahead (`memory.prefault`), so that the next append of
-        a similar size writes into memory the system has already mapped.
-        """
-        with self.lock:
-            # Slots below `at` never change: a second writer may share them, not what follows.
-            target = self if self.used == at else _Store(*self.slice(0, at), used=at)
-            count = len(stored)
-            if target.capacity < at + count:
-                target.reserve(at + count - target.capacity + (at + count) // 16 + 1024)
-            for first, values, part_scales in target.pieces(at, at + count):
-                values[...] = stored[first - at : first - at + len(values)]
-                if scales is not None:
-                    part_scales[...] = scales[first - at : first - at + len(values)]
-            target.used = at + count
-            if target.capacity - target.used < count:
-                target.reserve(count + target.used // 16 + 1024)
-            return target
-
-
-class _SpareBlock:
-    """The host arrays of one screening block, allocated (and mapped in the background) before a change
-    needs a new block; shared by an index and the indexes derived from it, the first change takes it."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.arrays = None
-
-    def take(self, block, dim, codes):
-        """(values, scales) zeros for a new block: the prepared ones if they fit, else new ones."""
-        with self.lock:
-            arrays, self.arrays = self.arrays, None
-        if arrays is None or arrays[0].shape != (block, dim) or (arrays[0].dtype == np.int8) != codes:
-            arrays = _aligned_zeros((block, dim), np.int8 if codes else jnp.bfloat16), _aligned_zeros(block, np.float32)
-        return arrays
-
-    def prepare(self, block, dim, codes):
-        with self.lock:
-            if self.arrays is not None:
-                return
-            self.arrays = _aligned_zeros((block, dim), np.int8 if codes else jnp.bfloat16), _aligned_zeros(block, np.float32)
-            for array in self.arrays:
-                prefault(array)
-
-
-class _Partial:
-    """The host arrays of a block with free slots, and how far changes have written into them.
-
-    Shared by an index and the indexes derived from it, like `_Store`: each one's bias masks the slots
-    after its own, so rows written there change nothing it computes. `shared` tells whether the device
-    arrays are these very arrays (one CPU device): rows written here are then on the device as well.
-
-    Args:
-        values: (block, D) bfloat16 values or int8 codes, zero in unwritten slots.
-        scales: (block,) float32 scales.
-        written: slots [0, written) that the creating change writes.
-    """
-
-    def __init__(self, values, scales, written):
-        self.values, self.scales = values, scales
-        self.written = written
-        self.shared = False
-        self.lock = threading.Lock()
-
-    def claim(self, lo, hi):
-        """Takes slots [lo, hi) for one change if no other change wrote from `lo` on; tells whether it did."""
-        with self.lock:
-            if self.written != lo:
-                return False
-            self.written = hi
-            return True
-
-    def copy(self, written):
-        """An unshared copy, for a change whose slots another change already wrote."""
-        return _Partial(_aligned_copy(self.values), _aligned_copy(self.scales), written)
-
-
-class _Candidates:
-    """The running top-`kept` entries of each query, merged lazily.
-
-    Entries are appended to a buffer of 4 * kept per query and cut back to the best `kept` only when it
-    fills, so a merge (an `argpartition`) runs once per ~3 kept new entries per query, not once per block.
-
-    Args:
-        count: number of queries.
-        kept: entries to keep per query.
-    """
-
-    def __init__(self, count, kept):
-        self.kept = kept
-        self.values = np.full((count, 4 * kept), -np.inf, np.float32)
-        self.slots = np.zeros((count, 4 * kept), np.int64)
-        self.fill = np.zeros(count, np.int64)
-        # A lower bound of each query's final kept-th value: nothing below it can enter.
-        self.bound = np.full(count, -np.inf, np.float32)
-
-    def raise_bound(self, bound):
-        self.bound = np.maximum(self.bound, bound)
-
-    def add(self, rows, values, slots):
-        """Appends entries of queries `rows` (ascending) with their `values` and `slots`."""
-        counts = np.bincount(rows, minlength=len(self.fill))
-        if (self.fill + counts).max() > self.values.shape[1]:
-            self._cut()
-            width = int((self.fill + counts).max())
-            if width > self.values.shape[1]:
-                more = width + self.kept - self.values.shape[1]
-                self.values = np.pad(self.values, ((0, 0), (0, more)), constant_values=-np.inf)
-                self.slots = np.pad(self.slots, ((0, 0), (0, more)))
-        at = self.fill[rows] + np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
-        self.values[rows, at] = values
-        self.slots[rows, at] = slots
-        self.fill += counts
-
-    def _cut(self):
-        """Keeps the best `kept` entries of each query and raises the bound to the kept-th of them."""
-        width = int(self.fill.max())
-        if width <= self.kept:
-            return
-        keep = np.argpartition(-self.values[:, :width], self.kept - 1, axis=1)[:, : self.kept]
-        values = np.take_along_axis(self.values, keep, axis=1)
-        self.slots[:, : self.kept] = np.take_along_axis(self.slots, keep, axis=1)
-        self.values[:, : self.kept] = values
-        self.values[:, self.kept : width] = -np.inf
-        self.fill = np.minimum(self.fill, self.kept)
-        self.raise_bound(values.min(axis=1))
-
-    def best(self, k):
-        """(values (Q, kept), slots (Q, kept)) with the k best first (unordered: a partition, not a sort);
-        -inf where a query has fewer entries."""
-        self._cut()
-        values, slots = self.values[:, : self.kept], self.slots[:, : self.kept]
-        if k < self.kept:
-            order = np.argpartition(-values, k - 1, axis=1)
-            values, slots = np.take_along_axis(values, order, axis=1), np.take_along_axis(slots, order, axis=1)
-        return values, slots
-
-
-def _kth_largest(values, ks):
-    """For each k in `ks`, the k-th largest value of each row of `values` (Q, n) (-inf when n < k)."""
-    inside = [k - 1 for k in ks if k <= values.shape[1]]
-    ordered = -np.partition(-values, inside, axis=1) if inside else values
-    return [ordered[:, k - 1] if k <= values.shape[1] else np.full(len(values), -np.inf, np.float32) for k in ks]
-
-
-def _above(values, group_max, threshold):
-    """The finite entries of each row of `values` at or above that row's `threshold`.
-
-    Group maxima (computed with the product) find the groups that hold them, so the host compares
-    `block / GROUP` maxima and reads a few groups instead of the whole block. Removed anchors and
-    padding score -inf and never pass.
-
-    Returns:
-        (rows int64 (n,) ascending, values float32 (n,), columns int64 (n,)).
-    """
-    hits = np.flatnonzero(group_max >= threshold[:, None])
-    rows, groups = np.divmod(hits, group_max.shape[1])
-    grouped = np.take(values.reshape(-1, GROUP), hits, axis=0)
-    inside = np.flatnonzero((grouped >= threshold[rows, None]) & (grouped > -np.inf))
-    which, position = np.divmod(inside, GROUP)
-    return rows[which], grouped.ravel()[inside], groups[which] * GROUP + position
-
-
-def checked_query(queries, k, dim, size):
-    """(queries as float32 (Q, dim), k as int) for a top-k over `size` anchors, or a ValueError naming the problem."""
-    queries = np.asarray(queries, dtype=np.float32)
-    if queries.ndim != 2 or queries.shape[1] != dim:
-        raise ValueError(f"queries must be (Q, {dim}), got shape {queries.shape}")
-    k = int(k)
-    if not 1 <= k <= size:
-        raise ValueError(f"k must be between 1 and the number of anchors ({size}), got {k}")
-    return queries, k
-
-
 def _in_parallel(work, count, step):
     """Runs `work(start, stop)` over [0, count) in pieces of whole `step`s, one piece per core.
 
@@ -816,211 +587,3 @@ def _round_up(value, multiple):
 def _padded_count(count):
     """Pads query batches to a power of two (at least 8) so the scan compiles for few shapes."""
     return max(8, 1 << (count - 1).bit_length())
-
-
-def _screen_bfloat16(values, out, chunk=256):
-    """Writes float32 `values` (n, D) rounded to bfloat16 into `out`; returns the certificate's error terms.
-
-    Rounds half away from zero on the bit pattern (two integer operations; to-nearest-even would take
-    five and changes nothing the certificate needs, since the residual is measured). `chunk` rows at a
-    time, so every intermediate stays in cache.
-
-    Returns:
-        (largest row norm of the rounding residual, largest row norm of `values`).
-    """
-    bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
-    out = out.view(np.uint16)
-    rounded = np.empty((min(chunk, len(bits)), bits.shape[1]), np.uint32)
-    residual = np.empty(rounded.shape, np.float32)
-    worst = largest = 0.0
-    for start in range(0, len(bits), chunk):
-        part = bits[start : start + chunk]
-        kept, error = rounded[: len(part)], residual[: len(part)]
-        np.add(part, 0x8000, out=kept)
-        kept &= 0xFFFF0000
-        exact = part.view(np.float32)
-        np.subtract(exact, kept.view(np.float32), out=error)
-        worst = max(worst, float(np.einsum("ij,ij->i", error, error).max()))
-        largest = max(largest, float(np.einsum("ij,ij->i", exact, exact).max()))
-        np.right_shift(kept, 16, out=kept)
-        out[start : start + len(part)] = kept
-    return math.sqrt(worst), math.sqrt(largest)
-
-
-def _max_row_norm(values):
-    return math.sqrt(float(np.einsum("ij,ij->i", values, values).max())) if len(values) else 0.0
-
-
-def _aligned_zeros(shape, dtype, alignment=64):
-    """Zeros whose data start on an `alignment`-byte boundary, so `_to_device` can place them without a copy.
-
-    Large ones come from calloc: their pages are mapped when first written, not now.
-    """
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.zeros(nbytes + alignment, np.uint8)
-    skip = -raw.ctypes.data % alignment
-    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
-
-
-def _is_aligned(array, alignment=64):
-    return array.ctypes.data % alignment == 0
-
-
-def _aligned_copy(array):
-    array = np.asarray(array)
-    out = _aligned_zeros(array.shape, array.dtype)
-    out[...] = array
-    return out
-
-
-def _aligned_full(count, value):
-    out = _aligned_zeros(count, np.float32)
-    out[:] = value
-    return out
-
-
-def _shares_memory(device_array, host_array):
-    """Whether a single-device array is `host_array`'s memory (a zero-copy placement on CPU)."""
-    if len(device_array.devices()) != 1:
-        return False
-    return device_array.unsafe_buffer_pointer() == host_array.ctypes.data
-
-
-def _compress(anchors, dtype, chunk=65536):
-    """Anchors as stored: float32, float16, or int8 codes with per-row float32 scales.
-
-    int8 codes round each row on a grid of its max |value| / 127; the row's scale is then the least-squares
-    one for those codes (c.a / c.c, never larger in squared error than the grid step), which leaves the
-    error orthogonal to the stored vector. For a query close to an anchor (the nearest anchors are the
-    ones ASIF keeps) the score error is then second order in the rounding error instead of first order:
-    nearest-anchor agreement with float32 rises from 0.990 to 0.996 on Fashion-MNIST image embeddings
-    (benchmarks/asif.py). Rows are done `chunk` at a time to bound the temporaries.
-    """
-    if dtype == "float32":
-        return np.ascontiguousarray(anchors), None
-    if dtype == "float16":
-        return anchors.astype(np.float16), None
-    codes = np.empty(anchors.shape, np.int8)
-    scales = np.empty(len(anchors), np.float32)
-    for start in range(0, len(anchors), chunk):
-        rows = anchors[start : start + chunk]
-        step = np.abs(rows).max(axis=1) / 127.0
-        rounded = np.clip(np.rint(rows / np.where(step > 0, step, 1.0)[:, None]), -127, 127)
-        codes[start : start + chunk] = rounded
-        norm = np.einsum("ij,ij->i", rounded, rounded)
-        scales[start : start + chunk] = np.einsum("ij,ij->i", rounded, rows) / np.where(norm > 0, norm, 1.0)
-    scales[scales == 0] = 1.0
-    return codes, scales
-
-
-def _decompress(stored, scales):
-    values = np.asarray(stored, dtype=np.float32)
-    return values if scales is None else values * scales[:, None]
-
-
-def _to_device(array, mesh):
-    """Places a host array on the device(s). On CPU an aligned array (`_aligned_zeros`) is not copied:
-    the device array is that memory, so a caller changes only what no computation reads (masked slots).
-    `device_put` is ~4x faster than `jnp.asarray` for bfloat16."""
-    if mesh is None:
-        return jax.device_put(array)
-    spec = jax.sharding.PartitionSpec(mesh.axis_names[0])
-    return jax.device_put(array, jax.sharding.NamedSharding(mesh, spec))
-
-
-def _screen_scores(queries, anchors, scales):
-    """Screened scores (Q, block) of bfloat16 queries against one block (bfloat16 or int8 anchors)."""
-    scores = jax.lax.dot_general(
-        queries, anchors.astype(jnp.bfloat16), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )
-    return scores if scales is None else scores * scales[None, :]
-
-
-@jax.jit
-def _block_scores(queries, anchors, scales, bias):
-    """Screened scores of one block and their maxima per group of GROUP anchors (fused, nearly free).
-
-    `bias` is 0 for live anchors and -inf for removed ones and padding, which no threshold passes.
-    """
-    scores = _screen_scores(queries, anchors, scales) + bias[None, :]
-    return scores, scores.reshape(scores.shape[0], -1, GROUP).max(axis=2)
-
-
-@jax.jit
-def _plain_block_scores(queries, anchors):
-    """`_block_scores` of a block whose scales are 1 and whose bias is 0: the product's output is the
-    result, without a pass that writes the (Q, block) scores again."""
-    scores = _screen_scores(queries, anchors, None)
-    return scores, scores.reshape(scores.shape[0], -1, GROUP).max(axis=2)
-
-
-@functools.partial(jax.jit, static_argnames=("mesh", "m"))
-def _sharded_block_topk(queries, anchors, scales, bias, valid, mesh, m):
-    """Each device scores its slice of the block and keeps its own top-m; returns all (Q, devices * m).
-
-    On accelerators this keeps the selection on the device that holds the anchors: only devices x m
-    candidates per query cross the interconnect, never the block's scores.
-    """
-    axis = mesh.axis_names[0]
-    spec = jax.sharding.PartitionSpec
-    local_size = anchors.shape[0] // mesh.devices.size
-
-    def local(queries, anchors, scales, bias):
-        first = jax.lax.axis_index(axis) * local_size
-        scores = _screen_scores(queries, anchors, scales) + bias[None, :]
-        rows = first + jnp.arange(local_size, dtype=jnp.int32)
-        values, positions = jax.lax.top_k(jnp.where(rows[None, :] < valid, scores, -jnp.inf), m)
-        return values, positions.astype(jnp.int32) + first
-
-    return jax.shard_map(
-        local, mesh=mesh, in_specs=(spec(), spec(axis), spec(axis), spec(axis)),
-        out_specs=(spec(None, axis), spec(None, axis)), check_vma=False,
-    )(queries, anchors, scales, bias)
-
-
-def follow(index, collection, kind, fingerprint, version):
-    """`index`, built over `collection` at `version`, brought to the collection's current version.
-
-    Replays the changes the collection recorded since then (`AnalogyCollection.changes_since`) as
-    appends and removals, so the work grows with the pairs changed, not with the collection.
-
-    Args:
-        index: an `AnchorIndex` over `collection.embeddings(kind, fingerprint)` as they were at `version`.
-        collection: the `AnalogyCollection`.
-        kind: "image" or "text".
-        fingerprint: the encoder fingerprint of the indexed embeddings.
-        version: the collection version `index` reflects.
-
-    Returns:
-        The updated index (`index` itself when nothing changed), or None when the changes are no longer
-        recorded: build a new index then.
-
-    Example:
-    >>> from keras_clip_it.collections import AnalogyCollection
-    >>> col = AnalogyCollection()
-    >>> col.add(["a", "b"], embeddings={"text": {"f": np.eye(2, dtype="float32")}})
-    >>> index, version = AnchorIndex(col.embeddings("text", "f")), col.version
-    >>> col.remove(["a"])
-    >>> follow(index, col, "text", "f", version).size
-    1
-    """
-    changes = collection.changes_since(version)
-    if changes is None:
-        return None
-    embeddings = collection.embeddings(kind, fingerprint) if changes else None
-    for change, rows in changes:
-        if change == "add":
-            present = rows >= 0
-            if len(rows) and rows[0] >= 0 and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
-                anchors = embeddings[rows[0] : rows[0] + len(rows)]  # the usual case, rows in order: no copy
-            elif present.all():
-                anchors = embeddings[rows]
-            else:
-                # Pairs removed again by a later change need no embedding: that change removes their rows.
-                anchors = np.zeros((len(rows), index.dim), np.float32)
-                anchors[present] = embeddings[rows[present]]
-            index = index.append(anchors)
-        else:
-            index = index.remove(rows)
-    return index

@@ -1,4 +1,4 @@
-"""AnchorIndex: screened, blocked, compressed and sharded searches equal a dense numpy top-k."""
+"""AnchorIndex (search/exact.py): screened, blocked, compressed and sharded searches equal a dense numpy top-k."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from keras_clip_it.search.index import AnchorIndex
+from keras_clip_it.search import AnchorIndex
 from tests.helpers import dense_topk, unit
 
 
@@ -89,7 +89,7 @@ def test_k_equal_to_the_collection_and_bad_arguments():
 SHARDED = r"""
 import json, sys
 import jax, numpy as np
-from keras_clip_it.search.index import AnchorIndex
+from keras_clip_it.search import AnchorIndex
 assert len(jax.devices()) == 4, jax.devices()
 rng = np.random.default_rng(4)
 anchors = rng.standard_normal((3000, 24)).astype("float32")
@@ -298,20 +298,3 @@ def test_many_small_changes_equal_a_rebuild(dtype):
     np.testing.assert_array_equal(got[0], want[0])
     assert_same_topk(got, dense_topk(queries, dequantised(rebuilt), 25), dequantised(rebuilt), queries)
     np.testing.assert_array_equal(first.topk(queries, 25)[1], AnchorIndex(anchors, dtype=dtype, block=128).topk(queries, 25)[1])
-
-
-def test_screening_rounds_to_bfloat16_and_measures_its_error():
-    import ml_dtypes
-
-    from keras_clip_it.search.index import _screen_bfloat16
-
-    rng = np.random.default_rng(11)
-    values = rng.standard_normal((1000, 40)).astype(np.float32)
-    out = np.zeros((1000, 40), ml_dtypes.bfloat16)
-    residual, norm = _screen_bfloat16(values, out, chunk=96)
-    rounded = out.astype(np.float32)
-    # Within half a unit in the last place of bfloat16 (8 significant bits), as the nearest value is.
-    assert np.all(np.abs(rounded - values) <= np.abs(values) * 2.0**-8)
-    assert np.mean(rounded == values.astype(ml_dtypes.bfloat16).astype(np.float32)) > 0.999
-    assert residual == pytest.approx(np.linalg.norm(values - rounded, axis=1).max(), rel=1e-6)
-    assert norm == pytest.approx(np.linalg.norm(values, axis=1).max(), rel=1e-6)
