@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 
+from keras_clip_it.collections import storage
 from keras_clip_it.collections.memory import prefault
 
 KINDS = ("image", "text")
@@ -316,8 +317,6 @@ class AnalogyCollection:
             uri: str or os.PathLike, e.g. "/data/films-it", "memory://films-it", "s3://bucket/films-it".
             dtype: "float32", "float16" or "int8" (per-row scales): how embeddings are stored.
         """
-        from keras_clip_it.collections import storage
-
         return storage.save_collection(self, uri, dtype=dtype)
 
     def embed(self, image_encoder=None, text_encoder=None, images=None, batch_size=32):
@@ -442,3 +441,6 @@ def _keys(keys):
 def _preview(items, limit=10):
     shown = ", ".join(repr(i) for i in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+storage.opens_as(AnalogyCollection)

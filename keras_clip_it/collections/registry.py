@@ -17,6 +17,8 @@ import numpy as np
 import pluggy
 
 from keras_clip_it.collections import hookspecs
+from keras_clip_it.collections import storage
+from keras_clip_it.collections.analogy_collection import AnalogyCollection
 from keras_clip_it.collections.specs import NAME_PATTERN
 from keras_clip_it.collections.specs import CollectionSpec
 from keras_clip_it.collections.specs import as_raw_pair
@@ -178,8 +180,6 @@ class Registry:
             specs, owners, problems = self._collect()
             if target in owners or not os.path.exists(target):
                 return build_collection(_pick(target, specs, owners, problems))
-        from keras_clip_it.collections import storage
-
         return storage.open_collection(target)
 
 
@@ -205,8 +205,6 @@ def _duplicate_message(name, plugins):
 
 def build_collection(spec):
     """An in-memory `AnalogyCollection` holding `spec`'s pairs (ids, captions, image references, metadata)."""
-    from keras_clip_it.collections.analogy_collection import AnalogyCollection
-
     collection = AnalogyCollection(name=spec.name, language=spec.language)
     add_pairs(collection, spec.iter_pairs())
     return collection

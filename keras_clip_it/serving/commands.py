@@ -14,7 +14,6 @@ threads spinning against the encoder's threads made the ASIF search 2x slower on
 """
 
 import os
-import shutil
 import sys
 
 TEXT_PRESETS = {"it": "multilingual_e5_small", "en": "all_minilm_l6_v2"}
@@ -95,54 +94,10 @@ def build_model(args):
         names = names or [f"emoji-{args.lang}"]
     if not isinstance(model, kci.ASIF):
         return model, []
-    collections = [embedded_collection(name, model.image_encoder, model.text_encoder) for name in names]
+    collections = [kci.collections.embedded_collection(name, model.image_encoder, model.text_encoder) for name in names]
     if collections:
         model.use(collections[0])
     return model, collections[1:]
-
-
-def embedded_collection(name, image_encoder, text_encoder, chunk=256):
-    """A collection by name or URI with this pair of encoders' embeddings (cached for registered names).
-
-    A registered collection is embedded in chunks of `chunk` pairs, each kept under the cache folder as
-    soon as it is done, so an interrupted first start resumes where it stopped.
-    """
-    import numpy as np
-
-    import keras_clip_it as kci
-    from keras_clip_it.cache import cache_dir
-
-    if name not in kci.collections.available():
-        collection = kci.collections.load(name)
-        collection.embed(image_encoder=image_encoder, text_encoder=text_encoder)
-        return collection
-    key = f"{name}-{image_encoder.fingerprint[:12]}-{text_encoder.fingerprint[:12]}"
-    path = os.path.join(cache_dir(), "serving", key)
-    if os.path.isdir(path):
-        try:
-            return kci.collections.load(path)
-        except (ValueError, LookupError, OSError) as error:  # damaged or from an older layout: embed again
-            print(f"re-embedding {name!r}: the cached copy cannot be read ({error})", file=sys.stderr)
-    print(f"embedding collection {name!r} once (cached in {path})", file=sys.stderr)
-    collection = kci.collections.load(name)
-    parts = path + ".partial"
-    os.makedirs(parts, exist_ok=True)
-    for kind, encoder, items in (
-        ("text", text_encoder, collection.captions),
-        ("image", image_encoder, collection.image_refs),
-    ):
-        rows = []
-        for start in range(0, len(items), chunk):
-            part = os.path.join(parts, f"{kind}-{start:08d}.npy")
-            if not os.path.exists(part):
-                np.save(part + ".tmp.npy", encoder.embed(items[start : start + chunk]))
-                os.replace(part + ".tmp.npy", part)
-            rows.append(np.load(part, allow_pickle=False))
-            print(f"{kind}s: {min(start + chunk, len(items))}/{len(items)}", file=sys.stderr, flush=True)
-        collection.set_embeddings(kind, encoder.fingerprint, np.concatenate(rows))
-    collection.save(path)
-    shutil.rmtree(parts)
-    return collection
 
 
 def use_backend(backend):

@@ -12,6 +12,8 @@ import pytest
 
 from keras_clip_it.collections import AnalogyCollection
 from keras_clip_it.collections import storage
+from keras_clip_it.collections.storage import manifests
+from keras_clip_it.collections.storage import segments
 
 IMAGE, TEXT = "img-fingerprint-0001", "txt-fingerprint-0002"
 
@@ -74,7 +76,7 @@ def _rewrite_manifest(root, change):
     with open(path) as f:
         manifest = json.load(f)
     change(manifest)
-    manifest["checksum"] = storage._checksum(manifest)
+    manifest["checksum"] = manifests.checksum(manifest)
     with open(path, "w") as f:
         json.dump(manifest, f)
 
@@ -175,7 +177,7 @@ def test_save_replaces_an_existing_collection_and_deletes_its_files(tmp_path):
     storage.save_collection(_collection(4, seed=3), root)
     assert _state(storage.open_collection(root)) == _state(_collection(4, seed=3))
     manifest = json.load(open(_manifest_path(root)))
-    referenced = {e["path"] for s in manifest["segments"] for e in storage._segment_files(s)}
+    referenced = {e["path"] for s in manifest["segments"] for e in manifests.segment_files(s)}
     on_disk = {f"segments/{name}" for name in os.listdir(os.path.join(root, "segments"))}
     assert on_disk == referenced and len(os.listdir(root)) == 2
 
@@ -256,7 +258,7 @@ def test_missing_collection_is_a_clear_error(tmp_path):
 def _segment_file(root, suffix):
     manifest = json.load(open(_manifest_path(root)))
     for segment in reversed(manifest["segments"]):  # the newest first
-        for entry in storage._segment_files(segment):
+        for entry in manifests.segment_files(segment):
             if entry["path"].endswith(suffix):
                 return os.path.join(root, entry["path"])
     raise AssertionError(suffix)
@@ -333,7 +335,7 @@ def test_wrong_dimensions_in_a_segment(tmp_path):
         data = f.read()
 
     def resign(manifest):
-        for entry in storage._segment_files(manifest["segments"][0]):
+        for entry in manifests.segment_files(manifest["segments"][0]):
             if entry["path"].endswith(".image0.npy"):
                 entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
@@ -400,7 +402,7 @@ def test_orphan_files_of_a_crashed_write_are_ignored_then_collected(tmp_path):
 def test_a_concurrent_writer_is_detected_and_its_change_kept(tmp_path, monkeypatch):
     root = str(tmp_path / "col")
     storage.save_collection(_collection(6), root)
-    write_segment = storage._write_rows_segment
+    write_segment = segments.write_rows_segment
     interfered = []
 
     def racing(*args):
@@ -410,7 +412,7 @@ def test_a_concurrent_writer_is_detected_and_its_change_kept(tmp_path, monkeypat
             storage.remove(root, ["p0"])  # another writer commits generation 2 meanwhile
         return segment
 
-    monkeypatch.setattr(storage, "_write_rows_segment", racing)
+    monkeypatch.setattr(segments, "write_rows_segment", racing)
     with pytest.raises(storage.ConcurrentWriteError, match="retry"):
         storage.append(root, **_pairs(2, start=50))
     monkeypatch.undo()
