@@ -36,6 +36,8 @@ def loaded_backends(code):
         "import keras_clip_it.cache",
         "import keras_clip_it.data.datasets, keras_clip_it.data.pairs; from keras_clip_it.data import pairs",
         "import keras_clip_it as kci; kci.hookimpl, kci.datasets, kci.data, kci.cache, kci.__version__",
+        "import keras_clip_it.collections.storage, keras_clip_it.collections.analogy_collection, "
+        "keras_clip_it.collections.registry, keras_clip_it.collections.embedding_cache",
     ],
 )
 def test_light_parts_load_no_backend(code):
