@@ -303,7 +303,7 @@ def time_changes(pairs, lang, changed, repeats=5):
     import keras_clip_it as kci
     from keras_clip_it.collections import AnalogyCollection
     from keras_clip_it.serving.commands import TEXT_PRESETS
-    from keras_clip_it.serving.server import Service
+    from keras_clip_it.serving.service import Service
 
     image_encoder = kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
     text_encoder = kci.TextEncoder.from_preset(TEXT_PRESETS[lang])
@@ -402,15 +402,15 @@ def time_stages(lang, repeats=3):
 
     from keras_clip_it.data.images import to_rgb_array
     from keras_clip_it.serving.commands import build_model
-    from keras_clip_it.serving.server import Limits
-    from keras_clip_it.serving.server import _schemas
-    from keras_clip_it.serving.server import create_app
+    from keras_clip_it.serving.schemas import Limits
+    from keras_clip_it.serving.schemas import schemas
+    from keras_clip_it.serving.app import create_app
 
     threadpool_limits(1, user_api="blas")
     arguments = argparse.Namespace(model=None, lang=lang, collection=None, k=None, p=None)
     model, _ = build_model(arguments)
     service = create_app(model, warm_up=True).state.service
-    schemas = _schemas(Limits())
+    models = schemas(Limits())
     bodies = requests_for(lang, 64, seed=1)
     raw = [json.dumps(body).encode() for body in bodies]
     files = [base64.b64decode(body["images"][0]) for body in bodies]
@@ -435,7 +435,7 @@ def time_stages(lang, repeats=3):
         return round(float(np.median(runs)), 2)
 
     stages = {
-        "JSON body parsed and validated": timed(lambda data: schemas["ClassifyRequest"].model_validate_json(data), raw),
+        "JSON body parsed and validated": timed(lambda data: models["ClassifyRequest"].model_validate_json(data), raw),
         "base64 and PNG decoded": timed(lambda body: to_rgb_array(base64.b64decode(body["images"][0])), bodies),
         f"resized to {model.image_encoder.image_size[0]} px (PIL bicubic)": timed(model.image_encoder.preprocess, pixels),
     }
@@ -449,7 +449,7 @@ def time_stages(lang, repeats=3):
         lambda query: service.classify(labels, templates, image_embeddings=query), queries
     )
     stages["response validated and serialised"] = timed(
-        lambda _: schemas["ClassifyResponse"].model_validate(answer).model_dump_json(), queries
+        lambda _: models["ClassifyResponse"].model_validate(answer).model_dump_json(), queries
     )
     service.stop()
     return {"stages_ms": stages, "repeats": repeats, "load_average": round(os.getloadavg()[0], 1)}

@@ -11,6 +11,8 @@ orsi"): "una foto di {}." reads well with a bare label ("una foto di gatto") and
 its own article ("una foto di un gatto"), so pass labels as you would say them.
 """
 
+import numpy as np
+
 ENGLISH = (
     "a bad photo of a {}.",
     "a photo of many {}.",
@@ -200,3 +202,26 @@ def get_templates(templates):
 def fill(templates, label):
     """The captions of `label` under each template of `get_templates(templates)`."""
     return [t.format(label) if isinstance(t, str) else str(t(label)) for t in get_templates(templates)]
+
+
+def ensemble(embed, labels, templates=None):
+    """Unit (C, D) label embeddings: each label's captions under every template embedded, averaged and
+    re-normalised (CLIP's prompt ensembling).
+
+    The one place labels become embeddings: ASIF, the server, the zero-shot classifier and the SavedModel
+    export all call it.
+
+    Args:
+        embed: texts -> (n, D) unit embeddings (a text encoder's `embed`, a DualEncoder's `encode_texts`).
+        labels: list of str class names.
+        templates: as in `get_templates`.
+
+    Example:
+    >>> ensemble(lambda texts: np.eye(2)[[len(t) % 2 for t in texts]], ["ab", "b"], None).tolist()
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
+    captions = [fill(templates, label) for label in labels]
+    per_label = len(captions[0])
+    flat = np.asarray(embed([caption for group in captions for caption in group]), np.float32)
+    mean = flat.reshape(len(labels), per_label, -1).mean(axis=1)
+    return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)

@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 
 import keras_clip_it as kci  # noqa: E402
 from keras_clip_it.cache import cache_dir  # noqa: E402
-from keras_clip_it.models.asif import unknown_report  # noqa: E402
+from keras_clip_it.models.asif_state import unknown_report  # noqa: E402
 from keras_clip_it.templates import get_templates  # noqa: E402
 
 TEXT_PRESETS = {"en": "all_minilm_l6_v2", "it": "multilingual_e5_small"}

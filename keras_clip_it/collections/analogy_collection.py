@@ -308,6 +308,36 @@ class AnalogyCollection:
         if len(self._changes) > _RECORDED_CHANGES:
             del self._changes[0]
 
+    def copy(self, rows=None, name=None, fingerprints=None):
+        """A new in-memory collection of these rows (all by default, in this order) and their embeddings.
+
+        Args:
+            rows: optional int row positions to copy, in the copy's order.
+            name: the copy's name (default: this collection's).
+            fingerprints: optional {"image": fingerprint, "text": fingerprint}: copy only these encoders'
+                embeddings (default: every encoder's).
+
+        Returns:
+            An `AnalogyCollection` sharing nothing with this one.
+        """
+        with self.lock:
+            rows = np.arange(len(self)) if rows is None else np.asarray(rows, np.int64)
+            keys = list(self._embeddings) if fingerprints is None else [(k, str(f)) for k, f in fingerprints.items()]
+            embeddings = {}
+            for kind, fingerprint in keys:
+                embeddings.setdefault(kind, {})[fingerprint] = np.array(self.embeddings(kind, fingerprint)[rows])
+            pick = [int(row) for row in rows]
+            copy = AnalogyCollection(name=self.name if name is None else name, language=self.language)
+            if pick:
+                copy.add(
+                    [self._ids[row] for row in pick],
+                    captions=[self._captions[row] for row in pick],
+                    image_refs=[self._image_refs[row] for row in pick],
+                    metadata=[self._metadata[row] for row in pick],
+                    embeddings=embeddings,
+                )
+            return copy
+
     def save(self, uri, dtype="float32"):
         """Writes the collection to a directory at any fsspec URI (see `keras_clip_it.collections.storage`).
 

@@ -1,4 +1,4 @@
-"""Serving: TF SavedModel export (`export`) and the HTTP server (`create_app`, `keras-clip-it serve`).
+"""Serving: TF SavedModel export (`export`) and the HTTP server (`create_app`, its `Limits`, `keras-clip-it serve`).
 
 Imported lazily: TensorFlow (export) and FastAPI (server) load only when used.
 """
@@ -7,7 +7,8 @@ import importlib
 
 _NAMES = {
     "export": "keras_clip_it.serving.saved_model",
-    "create_app": "keras_clip_it.serving.server",
+    "create_app": "keras_clip_it.serving.app",
+    "Limits": "keras_clip_it.serving.schemas",
 }
 
 

@@ -84,9 +84,10 @@ def build_model(args):
             raise ValueError(f"{args.model} holds a {type(model).__name__}; serve takes an ASIF or a DualEncoder")
         if isinstance(model, kci.DualEncoder) and names:
             raise ValueError("a DualEncoder has no analogy collection: drop --collection")
-        for name, value in (("k", args.k), ("p", args.p)):
-            if value is not None:
-                setattr(model, name, value)
+        if isinstance(model, kci.ASIF) and args.k is not None:
+            model.k = args.k  # validated, and published as part of the model's state
+        if isinstance(model, kci.ASIF) and args.p is not None:
+            model.p = args.p
     else:
         image_encoder = kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
         text_encoder = kci.TextEncoder.from_preset(TEXT_PRESETS[args.lang])
@@ -132,8 +133,8 @@ def run(args):
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1, user_api="blas")
-    from keras_clip_it.serving.server import Limits
-    from keras_clip_it.serving.server import create_app
+    from keras_clip_it.serving.app import create_app
+    from keras_clip_it.serving.schemas import Limits
 
     try:
         model, collections = build_model(args)

@@ -20,10 +20,10 @@ import tensorflow as tf
 from keras_clip_it.encoders.image_encoder import ImageEncoder
 from keras_clip_it.encoders.text_encoder import TextEncoder
 from keras_clip_it.models.asif import ASIF
-from keras_clip_it.models.asif import UNKNOWN
-from keras_clip_it.search import AnchorIndex
+from keras_clip_it.models.asif_state import UNKNOWN
 from keras_clip_it.models.dual_encoder import DualEncoder
-from keras_clip_it.tasks.zero_shot import ZeroShotClassifier
+from keras_clip_it.search import AnchorIndex
+from keras_clip_it.templates import ensemble
 from keras_clip_it.version import __version__
 
 METADATA_FILE = "keras_clip_it.json"
@@ -363,14 +363,13 @@ def _tf_objects(layer):
 
 
 def _classify_endpoint(model, root, embed_images, spec, post, labels, templates):
-    classifier = ZeroShotClassifier(model, labels, templates=templates)
     names = tf.constant(labels + [UNKNOWN])
     if post is not None:
-        score = post.class_scores(classifier.class_representations)
-        threshold = float(model.unknown_threshold)
+        score = post.class_scores(post.state.class_representations(labels, templates))
+        threshold = float(post.state.unknown_threshold)
     else:
         root.label_embeddings = tf.Variable(
-            np.asarray(classifier.class_representations, np.float32), trainable=False, name="label_embeddings"
+            ensemble(model.encode_texts, labels, templates), trainable=False, name="label_embeddings"
         )
 
         def score(embeddings):
@@ -400,29 +399,32 @@ class _Relative:
     """ASIF's relative representations and sparse class scores, in TensorFlow ops over stored anchors."""
 
     def __init__(self, asif, root):
+        # One published state: the anchors, k, p and threshold exported all belong to one version.
+        state = asif.snapshot()
         self.k = {}
-        self.p = float(asif.p)
+        self.p = float(state.p)
         self.anchors = {}
-        collection = asif.collection
+        collection = state.collection
         for kind in ("image", "text"):
-            encoder = asif.image_encoder if kind == "image" else asif.text_encoder
             # A fresh index stores the anchors exactly as the model scores them (float32, or float16 / int8
             # with per-row scales), in collection row order.
-            index = AnchorIndex(collection.embeddings(kind, encoder.fingerprint), dtype=asif.anchor_dtype)
+            anchors = collection.embeddings(kind, state.anchors.fingerprints[kind])
+            index = AnchorIndex(anchors, dtype=state.anchors.dtype)
             stored = tf.Variable(index.stored, trainable=False, name=f"{kind}_anchors")
             scales = None if index.scales is None else tf.Variable(index.scales, trainable=False, name=f"{kind}_scales")
             self.anchors[kind] = (stored, scales)
-            self.k[kind] = min(asif.k, index.size)
+            self.k[kind] = min(state.k, index.size)
         root.anchors = [variable for pair in self.anchors.values() for variable in pair if variable is not None]
         self.root = root
+        self.state = state
         self.metadata = {
-            "k": asif.k,
+            "k": state.k,
             "p": self.p,
-            "anchors": len(collection),
-            "anchor_dtype": asif.anchor_dtype,
-            "collection": collection.name,
-            "collection_version": int(collection.version),
-            "unknown_threshold": float(asif.unknown_threshold),
+            "anchors": state.pairs,
+            "anchor_dtype": state.anchors.dtype,
+            "collection": state.name,
+            "collection_version": int(state.collection_version),
+            "unknown_threshold": float(state.unknown_threshold),
         }
 
     def represent(self, embeddings, kind):
@@ -442,7 +444,7 @@ class _Relative:
 
         The class entries are stored sorted by anchor (an inverted index): each query entry finds the class
         entries on its anchor by binary search and the products are summed per (query, class), as
-        `kci.models.asif.sparse_inner` does; work grows with the matches, never with the collection size.
+        `keras_clip_it.models.asif_state.sparse_inner` does; work grows with the matches, never with the collection size.
         """
         classes, k = representation.indices.shape
         anchors = representation.indices.ravel()

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from keras_clip_it.encoders.base import l2_normalize
 from keras_clip_it.tasks.common import similarity
+from keras_clip_it.templates import ensemble
 from keras_clip_it.templates import fill
 from keras_clip_it.templates import get_templates
 
@@ -50,14 +50,11 @@ class ZeroShotClassifier:
         self.class_representations = self._class_representations()
 
     def _class_representations(self):
-        if self.aggregate == "mean" and hasattr(self.model, "class_representations"):
-            return self.model.class_representations(self.labels, self.templates)
-        captions = [caption for label in self.labels for caption in fill(self.templates, label)]
-        representations = self.model.encode_texts(captions)
-        if self.aggregate == "max":
-            return representations
-        per_label = np.asarray(representations, np.float32).reshape(len(self.labels), self._template_count, -1)
-        return l2_normalize(per_label.mean(axis=1))
+        if self.aggregate == "mean":
+            if hasattr(self.model, "class_representations"):  # ASIF represents the ensembled embeddings
+                return self.model.class_representations(self.labels, self.templates)
+            return ensemble(self.model.encode_texts, self.labels, self.templates)
+        return self.model.encode_texts([caption for label in self.labels for caption in fill(self.templates, label)])
 
     def scores(self, images):
         """(images, labels) float32 scores; higher means more likely."""

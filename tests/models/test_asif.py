@@ -15,8 +15,8 @@ import pytest
 import keras_clip_it as kci
 from keras_clip_it.collections import AnalogyCollection
 from keras_clip_it.models.asif import ASIF
-from keras_clip_it.models.asif import RelativeRepresentation
-from keras_clip_it.models.asif import sparse_inner
+from keras_clip_it.models.asif_state import RelativeRepresentation
+from keras_clip_it.models.asif_state import sparse_inner
 from keras_clip_it.templates import ENGLISH
 from keras_clip_it.templates import get_templates
 from tests.helpers import assert_keras_roundtrip

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from keras_clip_it.collections import AnalogyCollection
-from keras_clip_it.models import asif as asif_module
+from keras_clip_it.models import asif_state
 from keras_clip_it.models.asif import ASIF
 from tests.models.test_asif import VectorEncoder
 from tests.models.test_asif import unit
@@ -52,13 +52,13 @@ def by_id(asif, representation):
 def builds(monkeypatch):
     """Counts the anchor indexes ASIF builds from scratch."""
     count = []
-    original = asif_module.AnchorIndex
+    original = asif_state.AnchorIndex
 
     def counting(*args, **kwargs):
         count.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(asif_module, "AnchorIndex", counting)
+    monkeypatch.setattr(asif_state, "AnchorIndex", counting)
     return count
 
 

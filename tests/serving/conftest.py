@@ -126,7 +126,7 @@ def asif_server(encoders):
     alpha = random_collection("alpha", 40, image_encoder, text_encoder, seed=1)
     beta = random_collection("beta", 30, image_encoder, text_encoder, seed=2)
     asif = kci.ASIF(image_encoder, text_encoder, k=8, p=3.0, collection=alpha)
-    app = kci.serving.create_app(asif, collections=[beta], limits=kci.serving.server.Limits(body_bytes=2**20))
+    app = kci.serving.create_app(asif, collections=[beta], limits=kci.serving.Limits(body_bytes=2**20))
     server = serve(app)
     yield server
     server.stop()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from keras_clip_it.serving import commands
-from keras_clip_it.serving.server import _Batcher
+from keras_clip_it.serving.batcher import Batcher
 
 
 class Recorder:
@@ -47,7 +47,7 @@ def call_concurrently(batcher, callers):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_each_caller_gets_its_rows_in_bounded_batches(workers):
     recorder = Recorder()
-    results = call_concurrently(_Batcher(recorder, max_items=4, workers=workers), callers=12)
+    results = call_concurrently(Batcher(recorder, max_items=4, workers=workers), callers=12)
     for number, rows in results.items():
         expected = [2.0 * (number * 10 + i) for i in range(number % 3 + 1)]
         np.testing.assert_array_equal(rows[:, 0], expected)
@@ -61,17 +61,17 @@ def test_errors_reach_every_caller_of_the_batch_and_bad_settings_are_named():
     def fail(items):
         raise RuntimeError("encoder failed")
 
-    batcher = _Batcher(fail, max_items=4)
+    batcher = Batcher(fail, max_items=4)
     with pytest.raises(RuntimeError, match="encoder failed"):
         batcher([1])
     batcher.stop()
-    big = _Batcher(Recorder(), max_items=2)  # a single job larger than the batch runs alone
+    big = Batcher(Recorder(), max_items=2)  # a single job larger than the batch runs alone
     np.testing.assert_array_equal(big([1, 2, 3])[:, 0], [2.0, 4.0, 6.0])
     big.stop()
     with pytest.raises(ValueError, match="encoder_workers"):
-        _Batcher(fail, max_items=4, workers=0)
+        Batcher(fail, max_items=4, workers=0)
     with pytest.raises(ValueError, match="encoder_batch"):
-        _Batcher(fail, max_items=0)
+        Batcher(fail, max_items=0)
 
 
 def test_serve_switches_backend_only_when_it_can_restart():
@@ -126,7 +126,7 @@ def test_batches_fill_the_padded_sizes_exactly():
         release.wait(10)
         return np.asarray(items, np.float32)[:, None]
 
-    batcher = _Batcher(embed, max_items=4)
+    batcher = Batcher(embed, max_items=4)
     first = threading.Thread(target=batcher, args=([0],))
     first.start()
     started.wait(10)  # the worker is busy: the next jobs queue up behind it
@@ -145,7 +145,7 @@ def test_batches_fill_the_padded_sizes_exactly():
 
 def test_label_scores_are_the_same_dense_and_sparse(encoders, monkeypatch):
     import keras_clip_it as kci
-    from keras_clip_it.serving import server
+    from keras_clip_it.models import asif_state
     from tests.serving.conftest import LABELS
     from tests.serving.conftest import random_collection
     from tests.serving.conftest import unit_rows
@@ -154,11 +154,11 @@ def test_label_scores_are_the_same_dense_and_sparse(encoders, monkeypatch):
     collection = random_collection("alpha", 30, image_encoder, text_encoder, seed=7)
     queries = unit_rows(np.random.default_rng(1), 3, image_encoder.embedding_dim).tolist()
     answers = []
-    for limit in (server._DENSE_LABELS, 0):  # 0: every label set takes the sparse join
-        monkeypatch.setattr(server, "_DENSE_LABELS", limit)
+    for limit in (asif_state._DENSE_LABELS, 0):  # 0: every label set takes the sparse join
+        monkeypatch.setattr(asif_state, "_DENSE_LABELS", limit)
         asif = kci.ASIF(image_encoder, text_encoder, k=6, p=3.0, collection=collection)
         service = kci.serving.create_app(asif).state.service
         answers.append([p["scores"] for p in service.classify(LABELS, None, image_embeddings=queries)["predictions"]])
-        assert (service._labels[(tuple(LABELS), None)]["relative"][2] is None) == (limit == 0)
+        assert (service.snapshot._classes[(tuple(LABELS), None)][1] is None) == (limit == 0)
         service.stop()
     np.testing.assert_allclose(answers[0], answers[1], atol=1e-6)

@@ -8,7 +8,8 @@ change keeps answering for its own version.
 import numpy as np
 
 import keras_clip_it as kci
-from keras_clip_it.serving import server as server_module
+from keras_clip_it.collections.analogy_collection import AnalogyCollection
+from keras_clip_it.models import asif_state
 from tests.serving.conftest import random_collection
 from tests.serving.conftest import unit_rows
 
@@ -38,15 +39,15 @@ def test_add_and_remove_follow_the_indexes_without_rebuilding_or_copying(encoder
     assert collection is not given  # the server edits its own copy
 
     built = []
-    original = server_module.AnchorIndex
+    original = asif_state.AnchorIndex
 
     def counting(*args, **kwargs):
         built.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(server_module, "AnchorIndex", counting)
+    monkeypatch.setattr(asif_state, "AnchorIndex", counting)
     copies = []
-    monkeypatch.setattr(server_module.AnalogyCollection, "add", _spy(server_module.AnalogyCollection.add, copies))
+    monkeypatch.setattr(AnalogyCollection, "add", _spy(AnalogyCollection.add, copies))
 
     rng = np.random.default_rng(0)
     queries = unit_rows(rng, 5, image_encoder.embedding_dim)
