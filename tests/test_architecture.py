@@ -23,6 +23,9 @@ ALLOWED = {
     "encoders": {"cache", "data"},
     "losses": set(),
     "models": {"cache", "data", "encoders", "losses", "collections", "search", "templates", "distribution"},
+    "callbacks": {"models"},
+    "tasks": {"cache", "data", "collections", "search", "encoders", "models", "templates"},
+    "serving": {"cache", "data", "collections", "search", "encoders", "models", "templates", "version"},
 }
 MAX_LINES = 700
 
