@@ -207,6 +207,33 @@ def test_class_representations_are_cached_per_collection_version():
     assert second is not first and second.version == asif.collection.version
 
 
+def test_a_new_k_or_p_is_validated_and_represents_the_labels_again():
+    asif, (_, images, _, _, _) = make_asif(200, k=50)
+    before = asif.classify(images[:3], labels=CLASSES, templates="en-short")
+    asif.k = 5
+    assert asif.class_representations(CLASSES, "en-short").indices.shape == (len(CLASSES), 5)
+    fresh = ASIF(asif.image_encoder, asif.text_encoder, k=5, p=asif.p, collection=asif.collection)
+    after = asif.classify(images[:3], labels=CLASSES, templates="en-short")
+    np.testing.assert_allclose(after.scores, fresh.classify(images[:3], labels=CLASSES, templates="en-short").scores)
+    assert not np.allclose(after.scores, before.scores)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        asif.k = 0
+    with pytest.raises(ValueError, match="p must be positive"):
+        asif.p = -1.0
+    assert (asif.k, asif.p) == (5, 4.0)
+
+
+def test_a_state_taken_before_a_change_keeps_answering_for_its_version():
+    asif, (_, images, _, _, _) = make_asif(300)
+    state = asif.snapshot()
+    first = state.classify(state.relative(asif.image_encoder.embed(images[:4]), "image"), CLASSES, "en-short")
+    extra_ids, extra_images, extra_captions, _, _ = synthetic_pairs(30, seed=11, start=9000)
+    asif.add(extra_ids, images=extra_images, captions=extra_captions)
+    assert asif.snapshot().version == state.version + 1 and state.pairs == 300
+    again = state.classify(state.relative(asif.image_encoder.embed(images[:4]), "image"), CLASSES, "en-short")
+    np.testing.assert_array_equal(again.scores, first.scores)
+
+
 def test_calibrate_meets_the_target_error():
     asif, (_, _, _, _, centres) = make_asif(400, k=20)
     rng = np.random.default_rng(4)
