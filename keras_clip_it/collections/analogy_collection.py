@@ -14,6 +14,8 @@ import threading
 import numpy as np
 
 from keras_clip_it.collections import storage
+from keras_clip_it.collections.columns import aligned
+from keras_clip_it.collections.columns import as_ids
 from keras_clip_it.collections.memory import prefault
 
 KINDS = ("image", "text")
@@ -113,7 +115,7 @@ class AnalogyCollection:
 
     def rows(self, ids):
         """The row positions of `ids` (int64 array); unknown ids raise KeyError naming them."""
-        ids = _as_ids(ids)
+        ids = as_ids(ids)
         try:
             return np.fromiter(map(self._rows.__getitem__, ids), dtype=np.int64, count=len(ids))
         except KeyError:
@@ -158,11 +160,11 @@ class AnalogyCollection:
             metadata: list of dicts (or None), aligned with `ids`.
             embeddings: {"image"|"text": {fingerprint: (n, D) array}} for the new rows.
         """
-        ids = _as_ids(ids)
+        ids = as_ids(ids)
         n = len(ids)
-        captions = _aligned(captions, n, "captions")
-        image_refs = _aligned(image_refs, n, "image_refs")
-        metadata = [dict(m) if m is not None else {} for m in _aligned(metadata, n, "metadata")]
+        captions = aligned(captions, n, "captions")
+        image_refs = aligned(image_refs, n, "image_refs")
+        metadata = [dict(m) if m is not None else {} for m in aligned(metadata, n, "metadata")]
         new = _check_embeddings(embeddings, n)
         missing = [key for key in self._embeddings if key not in new]
         if len(self) and missing:
@@ -421,10 +423,6 @@ def _check_kind(kind):
     return kind
 
 
-def _as_ids(ids):
-    if isinstance(ids, str):
-        raise TypeError(f"ids must be a list of strings, got the single string {ids!r}: wrap it in a list")
-    return [str(i) for i in ids]
 
 
 def _repeated(ids):
@@ -436,13 +434,6 @@ def _repeated(ids):
     return repeated
 
 
-def _aligned(values, n, what):
-    if values is None:
-        return [None] * n
-    values = list(values)
-    if len(values) != n:
-        raise ValueError(f"{len(values)} {what} for {n} ids")
-    return values
 
 
 def _as_matrix(array, what):

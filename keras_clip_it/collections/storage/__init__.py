@@ -43,6 +43,8 @@ import os
 
 import numpy as np
 
+from keras_clip_it.collections.columns import aligned
+from keras_clip_it.collections.columns import as_ids
 from keras_clip_it.collections.storage import errors
 from keras_clip_it.collections.storage import locations
 from keras_clip_it.collections.storage import manifests
@@ -159,7 +161,7 @@ def append(uri, ids, captions=None, image_refs=None, metadata=None, embeddings=N
     location = locations.Location(uri)
     location.check_writable()
     manifest, stored = segments.open_stored(location, verify=True, generation=None, embeddings=False)
-    ids = _as_ids(ids)
+    ids = as_ids(ids)
     n = len(ids)
     live = set(stored.ids)
     repeated = sorted({i for i in ids if i in live} | segments.repeated(ids))
@@ -167,9 +169,9 @@ def append(uri, ids, captions=None, image_refs=None, metadata=None, embeddings=N
         raise ValueError(f"ids already in the collection at {location.uri!r} or repeated: {errors.preview(repeated)}")
     columns = {
         "ids": ids,
-        "captions": _aligned(captions, n, "captions"),
-        "image_refs": [_image_ref(ref) for ref in _aligned(image_refs, n, "image_refs")],
-        "metadata": [dict(m) if m is not None else {} for m in _aligned(metadata, n, "metadata")],
+        "captions": aligned(captions, n, "captions"),
+        "image_refs": [_image_ref(ref) for ref in aligned(image_refs, n, "image_refs")],
+        "metadata": [dict(m) if m is not None else {} for m in aligned(metadata, n, "metadata")],
     }
     given = _embeddings_by_key(embeddings, n)
     if manifest["counts"]["pairs"] == 0:
@@ -222,7 +224,7 @@ def remove(uri, ids):
     location = locations.Location(uri)
     location.check_writable()
     manifest, stored = segments.open_stored(location, verify=True, generation=None, embeddings=False)
-    ids = list(dict.fromkeys(_as_ids(ids)))
+    ids = list(dict.fromkeys(as_ids(ids)))
     if not ids:
         return manifest["generation"]
     live = set(stored.ids)
@@ -367,18 +369,3 @@ def _image_ref(ref):
         f"image_refs must be paths or URIs (str) or None, got {type(ref).__name__}: write pixel arrays to "
         "files first (a collection stores references, not pixels)"
     )
-
-
-def _as_ids(ids):
-    if isinstance(ids, str):
-        raise TypeError(f"ids must be a list of strings, got the single string {ids!r}: wrap it in a list")
-    return [str(i) for i in ids]
-
-
-def _aligned(values, n, what):
-    if values is None:
-        return [None] * n
-    values = list(values)
-    if len(values) != n:
-        raise ValueError(f"{len(values)} {what} for {n} ids")
-    return values
