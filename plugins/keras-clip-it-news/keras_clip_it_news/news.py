@@ -215,12 +215,12 @@ def _local_image(location):
         if "://" not in location and not os.path.exists(location):
             raise FeedError(f"{location!r} does not exist")
         return location
-    from keras_clip_it.encoders.presets import cache_dir
+    from keras_clip_it.cache import cache_dir
 
     extension = os.path.splitext(urllib.parse.urlsplit(location).path)[1].lower()
     if not mimetypes.guess_type(f"x{extension}")[0]:
         extension = ".img"
-    folder = os.path.join(cache_dir(), "news", "images")
+    folder = cache_dir("news", "images")
     path = os.path.join(folder, hashlib.sha1(location.encode()).hexdigest() + extension)
     if not os.path.exists(path):
         data = read_bytes(location, limit=MAX_IMAGE_BYTES)
