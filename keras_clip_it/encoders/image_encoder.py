@@ -181,7 +181,16 @@ class ImageEncoder(EncoderMixin, keras.Model):
             preset: an embedded preset ("efficientnet_lite0_imagenet", offline), a keras-hub preset
                 name, "hf://org/name", "kaggle://...", or a local keras-hub or Hugging Face directory.
         """
-        return presets.load_preset("image", preset, **kwargs)
+        return presets.load_preset("image", preset, cls.from_keras_hub, **kwargs)
+
+    @classmethod
+    def from_keras_hub(cls, preset, **kwargs):
+        """A keras-hub image backbone with the resizing and scaling of the preset's `ImageConverter`."""
+        import keras_hub
+
+        backbone = keras_hub.models.Backbone.from_preset(preset)
+        converter = keras_hub.layers.ImageConverter.from_preset(preset)
+        return cls.from_image_converter(backbone, converter, **kwargs)
 
     def get_config(self):
         config = {"name": self.name, "trainable": self.trainable}

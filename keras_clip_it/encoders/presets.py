@@ -92,8 +92,12 @@ def resolve(preset):
     return snapshot_download(preset[len("hf://"):], allow_patterns=HF_PATTERNS)
 
 
-def load_preset(kind, preset, **kwargs):
-    """Builds an encoder of `kind` ("image" or "text") from a preset name, URI or local directory."""
+def load_preset(kind, preset, from_keras_hub, **kwargs):
+    """Builds an encoder of `kind` ("image" or "text") from a preset name, URI or local directory.
+
+    `from_keras_hub(preset, **kwargs)` is the encoder class's own keras-hub loader: the classes call this
+    dispatch, so it takes their constructor rather than importing them.
+    """
     preset = resolve(preset)
     if preset in PRESETS:
         entry = PRESETS[preset]
@@ -103,13 +107,13 @@ def load_preset(kind, preset, **kwargs):
         return _call(entry.loader, **kwargs)
     local = preset[len("file://"):] if preset.startswith("file://") else preset
     if os.path.isdir(local):
-        return _load_directory(kind, local, **kwargs)
+        return _load_directory(kind, local, from_keras_hub, **kwargs)
     if "://" not in preset and (os.sep in preset or preset.startswith(".")):
         raise FileNotFoundError(f"no directory at {preset!r}: check the path")
-    return _load_keras_hub(kind, preset, **kwargs)
+    return _load_keras_hub(kind, preset, from_keras_hub, **kwargs)
 
 
-def _load_directory(kind, directory, **kwargs):
+def _load_directory(kind, directory, from_keras_hub, **kwargs):
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(
@@ -119,7 +123,7 @@ def _load_directory(kind, directory, **kwargs):
         config = json.load(handle)
     model_type = config.get("model_type")
     if model_type is None:  # a keras-hub preset directory
-        return _load_keras_hub(kind, directory, **kwargs)
+        return _load_keras_hub(kind, directory, from_keras_hub, **kwargs)
     converters = HF_CONVERTERS[kind]
     if model_type not in converters:
         raise ValueError(
@@ -159,9 +163,7 @@ def _reachable(host, timeout=3.0):
         return False
 
 
-def _load_keras_hub(kind, preset, **kwargs):
-    import keras_hub
-
+def _load_keras_hub(kind, preset, from_keras_hub, **kwargs):
     host = _remote_host(preset)
     if host is not None and _known_remote(preset) and not _reachable(host):
         offline = ", ".join(names(kind)) or "none"
@@ -171,16 +173,8 @@ def _load_keras_hub(kind, preset, **kwargs):
             + (" (or set HF_HUB_OFFLINE=1 to use your Hugging Face cache)" if preset.startswith("hf://") else "")
         )
 
-    from keras_clip_it.encoders.image_encoder import ImageEncoder
-    from keras_clip_it.encoders.text_encoder import TextEncoder
-
     try:
-        backbone = keras_hub.models.Backbone.from_preset(preset)
-        if kind == "image":
-            converter = keras_hub.layers.ImageConverter.from_preset(preset)
-            return ImageEncoder.from_image_converter(backbone, converter, **kwargs)
-        preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset)
-        return TextEncoder(backbone=backbone, preprocessor=preprocessor, **kwargs)
+        return from_keras_hub(preset, **kwargs)
     except (OSError, ValueError) as error:
         offline = ", ".join(names(kind)) or "none"
         raise ValueError(

@@ -144,7 +144,16 @@ class TextEncoder(EncoderMixin, keras.Model):
                 Italian and 90+ languages, both offline), a keras-hub preset name, "hf://org/name",
                 "kaggle://...", or a local keras-hub or Hugging Face directory.
         """
-        return presets.load_preset("text", preset, **kwargs)
+        return presets.load_preset("text", preset, cls.from_keras_hub, **kwargs)
+
+    @classmethod
+    def from_keras_hub(cls, preset, **kwargs):
+        """A keras-hub text backbone with the preset's tokenizer, as a `TextClassifierPreprocessor`."""
+        import keras_hub
+
+        backbone = keras_hub.models.Backbone.from_preset(preset)
+        preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(preset)
+        return cls(backbone=backbone, preprocessor=preprocessor, **kwargs)
 
     def get_config(self):
         return {
