@@ -36,6 +36,11 @@ _PRESETS = {}
 # kind -> Hugging Face config.json "model_type" -> function of (directory, **kwargs), or its path.
 _CONVERTERS = {kind: {} for kind in KINDS}
 
+# Modules of the folders' Keras classes (backbones, layers, tokenizers) that a saved tower may contain.
+# Keras finds a saved class by its registered name only once its module is imported, so the towers import
+# these before rebuilding their parts: loading a `.keras` file then needs no import of a folder.
+_KERAS_MODULES = []
+
 # Files a Hugging Face snapshot needs for our converters and keras-hub's: configs, vocabularies, weights.
 HF_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "pytorch_model*.bin"]
 
@@ -63,6 +68,18 @@ def register_converter(kind, model_type, function):
     known = _CONVERTERS[kind].setdefault(model_type, function)
     if known != function:
         raise ValueError(f"model_type {model_type!r} already has a {kind} converter ({known!r})")
+
+
+def register_keras_module(module):
+    """Names a module of Keras classes that saved towers may contain; imported when a tower is rebuilt."""
+    if module not in _KERAS_MODULES:
+        _KERAS_MODULES.append(module)
+
+
+def import_keras_modules():
+    """Imports every registered module of Keras classes, so that `keras.saving.load_model` finds them."""
+    for module in _KERAS_MODULES:
+        importlib.import_module(module)
 
 
 def converter(kind, model_type, source="config.json"):

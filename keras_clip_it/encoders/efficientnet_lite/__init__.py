@@ -1,11 +1,12 @@
 """EfficientNet-Lite: keras-hub's backbone with a fast CPU inference path, and the embedded ImageNet preset.
 
-Importing this folder registers its preset and nothing heavier: the loader is named by its path and
-imported on first use.
+Importing this folder registers its preset and the module of its Keras class, and imports nothing heavier:
+both are named by their paths and imported on first use.
 """
 
 from keras_clip_it.encoders import presets
 
+presets.register_keras_module(f"{__name__}.efficientnet_lite_backbone")
 presets.register_preset(
     presets.Preset(
         "efficientnet_lite0_imagenet",
