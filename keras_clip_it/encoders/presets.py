@@ -12,7 +12,6 @@ import json
 import os
 from dataclasses import dataclass
 
-
 # The kinds of model a converter makes, and the class whose `from_preset` asks for them.
 KINDS = {"image": "ImageEncoder", "text": "TextEncoder", "dual": "DualEncoder"}
 
@@ -31,7 +30,8 @@ class Preset:
     description: str
 
 
-# Filled by the architecture folders (imported by `keras_clip_it.encoders`) and by `keras_clip_it.models`.
+# Filled by the architecture folders, which `keras_clip_it.encoders` imports, and for "dual" converters by
+# `keras_clip_it.models`.
 _PRESETS = {}
 # kind -> Hugging Face config.json "model_type" -> function of (directory, **kwargs), or its path.
 _CONVERTERS = {kind: {} for kind in KINDS}
