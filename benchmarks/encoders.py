@@ -71,7 +71,7 @@ def torch_reference():
     import torch.nn.functional as F
     from torch import nn
 
-    from keras_clip_it.encoders import efficientnet_lite
+    from keras_clip_it.encoders.efficientnet_lite import efficientnet_lite_converter
 
     class SameConv2d(nn.Conv2d):
         def forward(self, x):
@@ -128,7 +128,7 @@ def torch_reference():
             return F.normalize(features, dim=1)
 
     model = EfficientNetLite0().eval()
-    model.load_state_dict(torch.load(efficientnet_lite.weights_path(), map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(efficientnet_lite_converter.weights_path(), map_location="cpu", weights_only=True))
     return model
 
 

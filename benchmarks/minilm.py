@@ -48,7 +48,7 @@ def measure(runner, batch_size, repeats):
     if runner.startswith("sentence-transformers"):
         from sentence_transformers import SentenceTransformer
 
-        from keras_clip_it.encoders.minilm import minilm_directory
+        from keras_clip_it.encoders.minilm.minilm_converter import minilm_directory
 
         model = SentenceTransformer(minilm_directory(), device="cpu")
 

@@ -7,7 +7,7 @@ temperature), the same batch size and the same synthetic batches (random pixels 
 speed of a step does not depend on what the pixels show).
 
 - ours-jax, ours-tensorflow: kci's towers and fit: `kci.DualEncoder` over kci's CLIP towers
-  (`CLIPVisionTower`, `CLIPTextTower`, built from `keras_clip_it.encoders.clip_layers`: the same function
+  (`CLIPVisionTower`, `CLIPTextTower`, built from `keras_clip_it.encoders.clip.clip_layers`: the same function
   as keras-hub's towers, laid out for fast training on CPU), `compile()` defaults, `model.fit` on a
   tf.data pipeline; on TensorFlow with `compile(jit_compile=True)`, as docs/training.md advises for
   transformer towers on CPU (Keras leaves XLA off on CPU-only machines).
@@ -136,8 +136,8 @@ def keras_towers():
 
 
 def kci_towers():
-    from keras_clip_it.encoders.hf_clip import CLIPTextTower
-    from keras_clip_it.encoders.hf_clip import CLIPVisionTower
+    from keras_clip_it.encoders.clip.clip_towers import CLIPTextTower
+    from keras_clip_it.encoders.clip.clip_towers import CLIPVisionTower
 
     vision = CLIPVisionTower(
         patch_size=SIZES["patch_size"], hidden_dim=SIZES["width"], num_layers=SIZES["layers"],

@@ -212,6 +212,7 @@ class ImageEncoder(EncoderMixin, keras.Model):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
+        presets.import_keras_modules()  # the backbone may be an architecture folder's class
         config["backbone"] = keras.layers.deserialize(config["backbone"])
         if config.get("head") is not None:
             config["head"] = keras.layers.deserialize(config["head"])

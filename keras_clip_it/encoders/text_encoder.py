@@ -167,7 +167,10 @@ class TextEncoder(EncoderMixin, keras.Model):
 
     @classmethod
     def from_config(cls, config):
+        from keras_clip_it.encoders import text_preprocessor  # noqa: F401  the preprocessor may be one
+
         config = dict(config)
+        presets.import_keras_modules()  # the backbone and tokenizer may be an architecture folder's classes
         config["backbone"] = keras.layers.deserialize(config["backbone"])
         config["preprocessor"] = keras.layers.deserialize(config["preprocessor"])
         return cls(**config)

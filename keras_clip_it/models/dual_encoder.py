@@ -1,6 +1,5 @@
 """CLIP-style dual encoders: two towers, linear projections into one space, trained with `model.fit`."""
 
-import json
 import math
 import os
 from contextlib import nullcontext
@@ -447,17 +446,10 @@ class DualEncoder(keras.Model):
         if os.path.isdir(local):
             if os.path.isfile(os.path.join(local, "model.keras")):
                 return keras.saving.load_model(os.path.join(local, "model.keras"))
-            converters = presets.HF_CONVERTERS.get("dual", {})
-            config_path = os.path.join(local, "config.json")
-            if os.path.isfile(config_path):
-                with open(config_path) as handle:
-                    model_type = json.load(handle).get("model_type")
-                if model_type in converters:
-                    return presets._call(converters[model_type], local, **kwargs)
-                raise ValueError(
-                    f"{config_path} has model_type {model_type!r}, which DualEncoder cannot load yet; "
-                    f"supported: {sorted(converters) or 'none yet'}"
-                )
+            config = presets.load_config(local)
+            if config is not None:
+                source = os.path.join(local, "config.json")
+                return presets.converter("dual", config.get("model_type"), source)(local, **kwargs)
         raise ValueError(
             f"unknown DualEncoder preset {preset!r}: pass a .keras file or a local directory (with model.keras "
             "or a Hugging Face checkpoint), or build a model from towers with "

@@ -1,9 +1,12 @@
-"""Hugging Face "clip" and "vision-text-dual-encoder" folders as `DualEncoder`s."""
+"""Hugging Face "clip" and "vision-text-dual-encoder" folders as `DualEncoder`s.
+
+Importing this module (`keras_clip_it.models` does) registers `load_hf_dual_encoder` as the "dual"
+converter of both model types, which `DualEncoder.from_preset` looks up.
+"""
 
 import math
 
-from keras_clip_it.encoders.hf_clip import load_dual_encoder_checkpoint
-from keras_clip_it.models.dual_encoder import DualEncoder
+from keras_clip_it.encoders import presets
 
 
 def load_hf_dual_encoder(directory, learn_logit_scale=True):
@@ -18,6 +21,11 @@ def load_hf_dual_encoder(directory, learn_logit_scale=True):
     >>> model.encode_texts(["una foto di un gatto"]).shape  # doctest: +SKIP
     (1, 512)
     """
+    # Imported here, so that registering the converter (on any import of keras_clip_it.models) costs
+    # neither keras-hub nor the DualEncoder module, which never imports this one.
+    from keras_clip_it.encoders.clip.clip_converter import load_dual_encoder_checkpoint
+    from keras_clip_it.models.dual_encoder import DualEncoder
+
     parts = load_dual_encoder_checkpoint(directory)
     scale = math.exp(parts.logit_scale)
     model = DualEncoder(
@@ -31,3 +39,7 @@ def load_hf_dual_encoder(directory, learn_logit_scale=True):
     model.image_projection.kernel.assign(parts.image_projection)
     model.text_projection.kernel.assign(parts.text_projection)
     return model
+
+
+presets.register_converter("dual", "clip", load_hf_dual_encoder)
+presets.register_converter("dual", "vision-text-dual-encoder", load_hf_dual_encoder)

@@ -5,9 +5,9 @@ import keras_hub
 import numpy as np
 import pytest
 
-from keras_clip_it.encoders.clip_layers import CLIPBlock
-from keras_clip_it.encoders.hf_clip import CLIPTextTower
-from keras_clip_it.encoders.hf_clip import CLIPVisionTower
+from keras_clip_it.encoders.clip.clip_layers import CLIPBlock
+from keras_clip_it.encoders.clip.clip_towers import CLIPTextTower
+from keras_clip_it.encoders.clip.clip_towers import CLIPVisionTower
 from tests.helpers import assert_keras_roundtrip
 
 SIZES = dict(num_layers=2, num_heads=4, intermediate_dim=48)
@@ -154,7 +154,7 @@ def test_call_at_gradients_equal_the_full_sequence_gradients():
 def test_block_gradients_equal_plain_dense_gradients(monkeypatch, policy):
     import jax
 
-    from keras_clip_it.encoders import clip_layers
+    from keras_clip_it.encoders.clip import clip_layers
 
     block = CLIPBlock(hidden_dim=WIDTH, num_heads=4, intermediate_dim=3 * WIDTH, dtype=policy)
     block.build((None, 5, WIDTH))
@@ -183,7 +183,7 @@ def test_block_gradients_equal_plain_dense_gradients(monkeypatch, policy):
 
 @pytest.mark.parametrize("change", ["int8", "activation"])
 def test_narrowing_projection_keeps_the_layers_own_call_when_quantized_or_activated(change):
-    from keras_clip_it.encoders.clip_layers import dense_2d
+    from keras_clip_it.encoders.clip.clip_layers import dense_2d
 
     layer = keras.layers.Dense(4, activation="relu" if change == "activation" else None)
     layer.build((None, 16))

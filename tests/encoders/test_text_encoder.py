@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import keras_clip_it as kci
-from keras_clip_it.encoders.hf_bert_tokenizer import HFBertTokenizer
+from keras_clip_it.encoders.minilm.hf_bert_tokenizer import HFBertTokenizer
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat", "dog", "the", "sat", "on", "mat", "caffe", "!"]
 TEXTS = ["the cat sat on the mat", "a dog!", "caffè", "the dog sat on a cat on a mat ! " * 5, "", "cat"]

@@ -22,7 +22,7 @@ from PIL import Image
 
 import keras_clip_it as kci
 from keras_clip_it.collections import AnalogyCollection
-from keras_clip_it.encoders.hf_bert_tokenizer import HFBertTokenizer
+from keras_clip_it.encoders.minilm.hf_bert_tokenizer import HFBertTokenizer
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", "cat", "dog", "car", "tree", "boat"]
 LABELS = ["cat", "dog", "car", "tree", "boat"]

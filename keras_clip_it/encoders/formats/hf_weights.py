@@ -52,7 +52,7 @@ def read_state_dict(directory):
         return state, index
     torch_file = os.path.join(directory, "pytorch_model.bin")
     if os.path.exists(torch_file):
-        from keras_clip_it.encoders.pth_reader import read_pth
+        from keras_clip_it.encoders.formats.pth_reader import read_pth
 
         return read_pth(torch_file), torch_file
     present = sorted(os.listdir(directory))

