@@ -24,7 +24,6 @@ is measured, in turn, each keeping its best round.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -68,10 +67,9 @@ def measure(runner, batch_sizes, counts, repeats, output):
 
         def forward(pixels, batch_size):
             with torch.no_grad():
-                return np.concatenate([
-                    F.normalize(model.features(efficientnet_lite_torch.normalise(pixels[i : i + batch_size])), dim=1).numpy()
-                    for i in range(0, len(pixels), batch_size)
-                ])
+                batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
+                features = [model.features(efficientnet_lite_torch.normalise(batch)) for batch in batches]
+                return np.concatenate([F.normalize(rows, dim=1).numpy() for rows in features])
 
     else:
         import keras_clip_it as kci
@@ -217,15 +215,8 @@ def main():
 
     load_average = os.getloadavg()
     with tempfile.TemporaryDirectory() as output:
-        def runner_process(runner):
-            def run():
-                result = run_child(runner, args, output)
-                print(f"{runner} {json.dumps(result['batch_sizes'])}", flush=True)
-                return result
-
-            return run
-
-        rounds = harness.rounds({runner: runner_process(runner) for runner in RUNNERS}, args.rounds)
+        runs = {runner: (lambda runner=runner: run_child(runner, args, output)) for runner in RUNNERS}
+        rounds = harness.rounds(runs, args.rounds, show=lambda result: result["batch_sizes"])
         keys = ("images_per_s", "images_per_cpu_s")
         image = {runner: harness.best_rows(results, "batch_sizes", keys) for runner, results in rounds.items()}
         want = np.load(image["torch reference"].pop("features"))

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
@@ -27,11 +29,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def parser(doc, rounds, rounds_help="rounds: every run once per round, in turn"):
-    """The arguments every benchmark takes: `--rounds` (default `rounds`) and `--results-dir`."""
-    made = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    made.add_argument("--rounds", type=int, default=rounds, help=rounds_help if rounds is None else f"{rounds_help} (default {rounds})")
-    made.add_argument("--results-dir", default=RESULTS, help="where NAME.json and NAME.md go (default benchmarks/results)")
+def parser(doc, rounds, rounds_help):
+    """The arguments every benchmark takes: `--rounds` (default `rounds`, what a round is: `rounds_help`) and
+    `--results-dir`."""
+    made = argparse.ArgumentParser(description=doc.splitlines()[0])
+    shown = rounds_help if rounds is None else f"{rounds_help} (default {rounds})"
+    made.add_argument("--rounds", type=int, default=rounds, help=shown)
+    made.add_argument(
+        "--results-dir", default=RESULTS, help="where NAME.json and NAME.md go (default benchmarks/results)"
+    )
     return made
 
 
@@ -44,20 +50,24 @@ class Times:
     cpu: list
 
 
-def rounds(runs, count):
-    """Calls each of `runs` ({name: function}) once per round, in turn, `count` rounds: {name: [results]}."""
+def rounds(runs, count, show=None):
+    """Calls each of `runs` ({name: function}) once per round, in turn, `count` rounds: {name: [results]}.
+
+    `show(result)`, when given, is printed (as JSON) after each run, so a long benchmark shows its progress.
+    """
     out = {name: [] for name in runs}
-    for _ in range(count):
+    for number in range(count):
         for name, run in runs.items():
             out[name].append(run())
+            if show:
+                print(f"round {number + 1} {name}: {json.dumps(show(out[name][-1]))}", flush=True)
     return out
 
 
-def timed(runs, count, warm_up=True):
+def timed(runs, count):
     """Times each of `runs` once per round, in turn, after one warm-up each (compiles, fills caches): {name: Times}."""
-    if warm_up:
-        for run in runs.values():
-            run()
+    for run in runs.values():
+        run()
 
     def clocked(run):
         def measure():
@@ -99,6 +109,12 @@ def best_rows(results, table, keys):
         row["per_round"] = [each[keys[0]] for each in per_round]
     best["peak_rss_mb"] = max(result["peak_rss_mb"] for result in results)
     return best
+
+
+def random_unit(count, dim, seed):
+    """`count` random unit rows of `dim` float32 (`seed`: a number or a numpy Generator to draw from)."""
+    rows = np.random.default_rng(seed).standard_normal((count, dim), dtype=np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 def peak_rss_mb():
@@ -204,7 +220,8 @@ def run_child(script, arguments, backend="jax", environment=None, prefix=()):
     completed = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in completed.stdout.splitlines() if line.startswith(_RESULT)]
     if completed.returncode or not lines:
-        raise RuntimeError(f"{os.path.basename(script)} {' '.join(map(str, arguments))} failed:\n{completed.stderr[-3000:]}")
+        named = " ".join([os.path.basename(script), *map(str, arguments)])
+        raise RuntimeError(f"{named} failed:\n{completed.stderr[-3000:]}")
     return json.loads(lines[-1][len(_RESULT):])
 
 

@@ -56,7 +56,8 @@ def measure(runner, args):
         def tokenize(texts):
             return [encoder.tokenize(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
 
-    return {"workloads": text_towers.throughput(embed, workloads(), args.repeats, tokenize), "peak_rss_mb": harness.peak_rss_mb()}
+    rows = text_towers.throughput(embed, workloads(), args.repeats, tokenize)
+    return {"workloads": rows, "peak_rss_mb": harness.peak_rss_mb()}
 
 
 def table(results, args):

@@ -308,18 +308,14 @@ def time_changes(pairs, lang, changed, repeats=5):
     text_encoder = kci.TextEncoder.from_preset(TEXT_PRESETS[lang])
     rng = np.random.default_rng(0)
 
-    def unit(count, dim):
-        rows = rng.standard_normal((count, dim), dtype=np.float32)
-        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
-
     def collection(name):
         made = AnalogyCollection(name=name, language=lang)
         made.add(
             [f"{name}-{i}" for i in range(pairs)],
             captions=[f"caption {i}" for i in range(pairs)],
             embeddings={
-                "image": {image_encoder.fingerprint: unit(pairs, image_encoder.embedding_dim)},
-                "text": {text_encoder.fingerprint: unit(pairs, text_encoder.embedding_dim)},
+                "image": {image_encoder.fingerprint: harness.random_unit(pairs, image_encoder.embedding_dim, rng)},
+                "text": {text_encoder.fingerprint: harness.random_unit(pairs, text_encoder.embedding_dim, rng)},
             },
         )
         return made
@@ -329,8 +325,8 @@ def time_changes(pairs, lang, changed, repeats=5):
     timings = {"add": [], "remove": [], "activate": []}
     for repeat in range(repeats):
         ids = [f"new-{repeat}-{i}" for i in range(changed)]
-        images = unit(changed, image_encoder.embedding_dim).tolist()
-        texts = unit(changed, text_encoder.embedding_dim).tolist()
+        images = harness.random_unit(changed, image_encoder.embedding_dim, rng).tolist()
+        texts = harness.random_unit(changed, text_encoder.embedding_dim, rng).tolist()
         for change, call in (
             ("add", lambda: service.add(ids, ["new"] * changed, image_embeddings=images, text_embeddings=texts)),
             ("remove", lambda: service.remove(ids)),
@@ -364,11 +360,10 @@ def time_blas(anchors, repeats=50):
 
     rng = np.random.default_rng(0)
 
-    def unit(count, dim):
-        rows = rng.standard_normal((count, dim), dtype=np.float32)
-        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
-
-    cases = [(AnchorIndex(unit(anchors, 1280)), unit(1, 1280)), (AnchorIndex(unit(anchors, 384)), unit(10, 384))]
+    cases = [
+        (AnchorIndex(harness.random_unit(anchors, 1280, rng)), harness.random_unit(1, 1280, rng)),
+        (AnchorIndex(harness.random_unit(anchors, 384, rng)), harness.random_unit(10, 384, rng)),
+    ]
     timings = {"blas_1_thread": [], "blas_all_threads": []}
     for _ in range(repeats):
         for name, limit in (("blas_1_thread", 1), ("blas_all_threads", None)):

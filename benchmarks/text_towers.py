@@ -43,10 +43,12 @@ def main(script, doc, name, runners, measure, table, add_arguments=None, finish=
     with tempfile.TemporaryDirectory() as folder:
 
         def process(runner):
-            arguments = ["--child", runner, "--batch-size", args.batch_size, "--repeats", args.repeats, "--output", folder]
+            arguments = ["--child", runner, "--batch-size", args.batch_size, "--repeats", args.repeats]
+            arguments += ["--output", folder]
             return lambda: harness.run_child(script, arguments, harness.backend_of(runner))
 
-        measured = harness.rounds({runner: process(runner) for runner in runners(args)}, args.rounds)
+        runs = {runner: process(runner) for runner in runners(args)}
+        measured = harness.rounds(runs, args.rounds, show=lambda result: result["workloads"])
         keys = ("texts_per_s", "tokenize_texts_per_s")
         results = {runner: harness.best_rows(rounds, "workloads", keys) for runner, rounds in measured.items()}
         if finish:

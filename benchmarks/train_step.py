@@ -117,37 +117,32 @@ class Clock:
 # === Keras sides ===
 
 
-def keras_towers():
-    import keras_hub
-
-    vision = keras_hub.models.CLIPVisionEncoder(
+def towers(vision_class, text_class):
+    """The CLIP towers of SIZES, built by keras-hub's classes or ours (they take the same arguments)."""
+    vision = vision_class(
         patch_size=SIZES["patch_size"], hidden_dim=SIZES["width"], num_layers=SIZES["layers"],
         num_heads=SIZES["heads"], intermediate_dim=SIZES["mlp_dim"],
         image_shape=(SIZES["image_size"], SIZES["image_size"], 3),
     )
-    text = keras_hub.models.CLIPTextEncoder(
+    text = text_class(
         vocabulary_size=SIZES["vocabulary_size"], embedding_dim=SIZES["width"], hidden_dim=SIZES["width"],
         num_layers=SIZES["layers"], num_heads=SIZES["heads"], intermediate_dim=SIZES["mlp_dim"],
         max_sequence_length=SIZES["context_length"],
     )
     return vision, text
+
+
+def keras_towers():
+    import keras_hub
+
+    return towers(keras_hub.models.CLIPVisionEncoder, keras_hub.models.CLIPTextEncoder)
 
 
 def kci_towers():
     from keras_clip_it.encoders.hf_clip import CLIPTextTower
     from keras_clip_it.encoders.hf_clip import CLIPVisionTower
 
-    vision = CLIPVisionTower(
-        patch_size=SIZES["patch_size"], hidden_dim=SIZES["width"], num_layers=SIZES["layers"],
-        num_heads=SIZES["heads"], intermediate_dim=SIZES["mlp_dim"],
-        image_shape=(SIZES["image_size"], SIZES["image_size"], 3),
-    )
-    text = CLIPTextTower(
-        vocabulary_size=SIZES["vocabulary_size"], embedding_dim=SIZES["width"], hidden_dim=SIZES["width"],
-        num_layers=SIZES["layers"], num_heads=SIZES["heads"], intermediate_dim=SIZES["mlp_dim"],
-        max_sequence_length=SIZES["context_length"],
-    )
-    return vision, text
+    return towers(CLIPVisionTower, CLIPTextTower)
 
 
 def build_ours(jit_compile):
@@ -533,7 +528,7 @@ def _cell(value, missing):
 
 
 def main():
-    parser = harness.parser(__doc__, rounds=1, rounds_help="rounds: every side once per round, in turn, keeping its best")
+    parser = harness.parser(__doc__, rounds=1, rounds_help="every side once per round, in turn, keeping its best")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cores", type=int, default=1, help="CPU cores each side may use (pinned)")
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES))
@@ -549,15 +544,8 @@ def main():
     if unknown:
         parser.error(f"unknown sides {unknown}: choose among {SIDES}")
 
-    def side_process(side):
-        def run():
-            result = spawn(side, args.steps, args.cores, args.malloc)
-            print(f"{side}: {json.dumps(result)}", flush=True)
-            return result
-
-        return run
-
-    measured = harness.rounds({side: side_process(side) for side in sides}, args.rounds)
+    runs = {side: (lambda side=side: spawn(side, args.steps, args.cores, args.malloc)) for side in sides}
+    measured = harness.rounds(runs, args.rounds, show=lambda result: result)
     best = {side: harness.best_round(results, "steps_per_cpu_second") for side, results in measured.items()}
     if set(sides) != set(SIDES):
         print(json.dumps(best, indent=1))
