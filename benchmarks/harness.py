@@ -103,7 +103,7 @@ def best_rows(results, table, keys):
     `per_round` (the first key in every round), and the largest peak memory."""
     best = results[0]
     for name, row in best[table].items():
-        per_round = [result[table][name] for result in results]
+        per_round = [dict(result[table][name]) for result in results]  # copies: `row` is the first
         for key in [key for key in keys if key in row]:
             row[key] = max(each[key] for each in per_round)
         row["per_round"] = [each[keys[0]] for each in per_round]
