@@ -3,7 +3,7 @@
 Every runner measures in its own process (the Keras backend is fixed at import, and torch, JAX and
 TensorFlow each size their thread pools for the whole machine), the runners in turn for --rounds rounds,
 on the same texts and batch size. In a runner's process each workload's texts/s is the best of --repeats
-timed runs after a warm-up run that compiles every batch shape; a runner keeps its best round.
+timed runs after a warm-up run that compiles every batch shape; each workload keeps its best round.
 """
 
 import argparse
