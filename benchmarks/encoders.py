@@ -51,26 +51,34 @@ def images(count):
     return np.concatenate([np.stack(photos), noise])[:count]
 
 
+def torch_reference():
+    """EfficientNet-Lite0 in torch (the parity test's, tests/encoders/efficientnet_lite_torch.py) with the .pth
+    loaded: forward(pixels, batch_size) -> L2-normalised pooled features."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from tests.encoders import efficientnet_lite_torch
+
+    from keras_clip_it.encoders import efficientnet_lite
+
+    model = efficientnet_lite_torch.load(efficientnet_lite.weights_path())
+
+    def forward(pixels, batch_size):
+        with torch.no_grad():
+            batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
+            features = [model.features(efficientnet_lite_torch.normalise(batch)) for batch in batches]
+            return np.concatenate([F.normalize(rows, dim=1).numpy() for rows in features])
+
+    return forward
+
+
 def measure(runner, batch_sizes, counts, repeats, output):
     """Runs in a child process: images/s of one runner per batch size, its features, its peak memory."""
     import numpy as np
 
     start = time.perf_counter()
     if runner == "torch reference":
-        import torch
-        import torch.nn.functional as F
-        from tests.encoders import efficientnet_lite_torch
-
-        from keras_clip_it.encoders import efficientnet_lite
-
-        model = efficientnet_lite_torch.load(efficientnet_lite.weights_path())
-
-        def forward(pixels, batch_size):
-            with torch.no_grad():
-                batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
-                features = [model.features(efficientnet_lite_torch.normalise(batch)) for batch in batches]
-                return np.concatenate([F.normalize(rows, dim=1).numpy() for rows in features])
-
+        forward = torch_reference()
     else:
         import keras_clip_it as kci
 
