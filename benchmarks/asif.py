@@ -6,9 +6,9 @@ Throughput, for each (anchors N, dims D) on random unit vectors, with k = 800 an
              of 100k anchors and a full top-k per chunk, merged; jitted JAX on the same device.
   roofline   the float32 GEMM of the same shapes alone (no top-k), and the bfloat16 GEMM alone over the
              blocks our screening scans, both measured in this run.
-The four run in turn, round after round (the machine is shared: each round sees about the same load);
-queries/s are from each one's best round, and the median over rounds of the within-round ratios is shown
-beside them.
+The four run in turn, round after round (benchmarks/harness.py; the machine is shared: each round sees
+about the same load); queries/s are from each one's best round, and the median over rounds of the
+within-round ratios is shown beside them.
 
 Compression: bytes per anchor for float32 / float16 / int8 and agreement with float32 anchors, on
   random      random unit vectors: the nearest of 100k random anchors to random queries, the hardest case
@@ -24,25 +24,24 @@ memory plus a residual norm per anchor, and the float32 anchors saved as a colle
 memory-mapped, read only at the candidates each query rescores (exact by construction). For it the
 compression part also times k = 800 and k = 1 searches against the float32 and plain int8 indexes
 (interleaved rounds, 256 random queries, page cache warm) and counts the float32 rows read per query.
-Results go to benchmarks/results/asif.json and asif.md.
+Results go to benchmarks/results/asif.json and asif.md (asif_quick.* with --quick; or in --results-dir).
 
     python benchmarks/asif.py            # 100k and 1M anchors, D = 1280 and 384, real data (about 15 minutes)
     python benchmarks/asif.py --quick    # 20k and 100k anchors, D = 384, no real data
 """
 
-import argparse
 import gc
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "recipes"))
+
+import harness  # noqa: E402
+
+sys.path.insert(0, os.path.join(harness.ROOT, "recipes"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -57,7 +56,6 @@ K = 800
 REFERENCE_CHUNK = 100_000  # dic_size in the authors' code
 DTYPES = ("float32", "float16", "int8", "int8, max-abs scale")
 REFINED = "int8, refined"
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def random_unit(count, dim, seed):
@@ -75,19 +73,6 @@ def random_unit(count, dim, seed):
         part = rng.standard_normal((min(100_000, count - start), dim), dtype=np.float32)
         out[start : start + len(part)] = part / np.linalg.norm(part, axis=1, keepdims=True)
     return out
-
-
-def interleaved(runs, rounds):
-    """Times each named run once per round, in turn, after one warm-up each: {name: [seconds per round]}."""
-    for run in runs.values():
-        run()
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 @jax.jit
@@ -150,20 +135,19 @@ def throughput(count, dim, queries_count, rounds):
     ours = index.topk(queries, K, batch_size=queries_count)
     row["max_abs_diff_vs_reference"] = float(np.abs(ours[0] - reference[0]).max())
     row["same_rows_vs_reference"] = float(np.mean(ours[1] == reference[1]))
-    times = interleaved({
+    times = harness.timed({
         "ours": lambda: index.topk(queries, K, batch_size=queries_count),
         "reference": lambda: reference_topk(queries, chunks),
         "gemm_f32": lambda: gemm_only(queries, chunks),
         "gemm_bf16": lambda: bf16_gemm_only(queries, index),
     }, rounds)
     for name, seconds in times.items():
-        row[f"{name}_s"] = min(seconds)
-        row[f"{name}_rounds_s"] = seconds
-        row[f"{name}_qps"] = queries_count / min(seconds)
+        row[f"{name}_s"] = min(seconds.wall)
+        row[f"{name}_rounds_s"] = seconds.wall
+        row[f"{name}_qps"] = queries_count / min(seconds.wall)
     for name in ("reference", "gemm_f32", "gemm_bf16"):
         row[f"ours_vs_{name}"] = row["ours_qps"] / row[f"{name}_qps"]
-        # Within a round both saw about the same load: the median of these ratios is the robust reading.
-        row[f"ours_vs_{name}_median_round"] = float(np.median(np.divide(times[name], times["ours"])))
+        row[f"ours_vs_{name}_median_round"] = harness.median_ratio(times[name].wall, times["ours"].wall)
     del index, chunks
     gc.collect()
     return row
@@ -257,14 +241,14 @@ def refined_speed(built, query_sets, rounds, count=256):
     refined, out = built[REFINED], {}
     for k in (K, 1):
         queries = {name: q[:count] / np.linalg.norm(q[:count], axis=1, keepdims=True) for name, q in query_sets.items()}
-        times = interleaved({
+        times = harness.timed({
             dtype: (lambda index=built[dtype]: index.topk(queries["random"], k, batch_size=count))
             for dtype in ("float32", "int8", REFINED)
         }, rounds)
-        result = {f"{dtype}_qps": count / min(seconds) for dtype, seconds in times.items()}
+        result = {f"{dtype}_qps": count / min(seconds.wall) for dtype, seconds in times.items()}
         for dtype in ("float32", "int8"):
             result[f"vs_{dtype}"] = result[f"{REFINED}_qps"] / result[f"{dtype}_qps"]
-            result[f"vs_{dtype}_median_round"] = float(np.median(np.divide(times[dtype], times[REFINED])))
+            result[f"vs_{dtype}_median_round"] = harness.median_ratio(times[dtype].wall, times[REFINED].wall)
         for name, q in queries.items():
             refined.topk(q, k)  # learns this query set's width, as a steady stream of such queries would
             before = refined.rows_read
@@ -490,10 +474,9 @@ def merged(previous, rows, key):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, rounds=None, rounds_help="interleaved timing rounds (default 3, --quick 2)")
     parser.add_argument("--quick", action="store_true", help="small sizes, no real data (about a minute)")
     parser.add_argument("--queries", type=int, default=256, help="queries per throughput measurement")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="anchor counts for throughput")
     parser.add_argument("--dims", type=int, nargs="+", default=None, help="dimensions")
     parser.add_argument("--only", choices=("throughput", "compression"), default=None,
@@ -507,13 +490,9 @@ def main():
         sizes, dims, rounds, agreement_queries = (100_000, 1_000_000), (1280, 384), args.rounds or 3, 2000
     sizes, dims = args.sizes or sizes, args.dims or dims
     name = "asif_quick" if args.quick else "asif"
-    path = os.path.join(RESULTS, f"{name}.json")
-    previous = {}
-    if (args.only or args.sizes or args.dims) and os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
+    previous = harness.read_results(args.results_dir, name) if args.only or args.sizes or args.dims else {}
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}",
+        "machine": harness.machine(jax=jax.__version__),
         "queries": args.queries,
         "rounds": rounds,
         "quick": args.quick,
@@ -541,13 +520,7 @@ def main():
     for part in ("real_nearest_anchor", "real_predictions"):
         if part not in results and part in previous:
             results[part] = previous[part]
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    table = markdown(results)
-    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
-        f.write(table)
-    print(table)
+    harness.write_results(args.results_dir, name, results, markdown(results))
 
 
 if __name__ == "__main__":

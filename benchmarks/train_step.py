@@ -41,7 +41,7 @@ Benchmark-only dependencies (never the package's): `pip install torch==2.13.0` (
 `torch` pulls CUDA) and `pip install --no-deps open_clip_torch` (for its ClipLoss).
 
 Usage:
-    python benchmarks/train_step.py            # writes benchmarks/results/train_step.json and .md
+    python benchmarks/train_step.py            # writes benchmarks/results/train_step.json and .md (--results-dir)
     python benchmarks/train_step.py --steps 50 --rounds 3 --cores 2
 """
 
@@ -50,14 +50,12 @@ import json
 import math
 import os
 import resource
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+import harness
+
 SIZES = {
     "batch_size": 32,
     "image_size": 64,
@@ -119,37 +117,32 @@ class Clock:
 # === Keras sides ===
 
 
-def keras_towers():
-    import keras_hub
-
-    vision = keras_hub.models.CLIPVisionEncoder(
+def towers(vision_class, text_class):
+    """The CLIP towers of SIZES, built by keras-hub's classes or ours (they take the same arguments)."""
+    vision = vision_class(
         patch_size=SIZES["patch_size"], hidden_dim=SIZES["width"], num_layers=SIZES["layers"],
         num_heads=SIZES["heads"], intermediate_dim=SIZES["mlp_dim"],
         image_shape=(SIZES["image_size"], SIZES["image_size"], 3),
     )
-    text = keras_hub.models.CLIPTextEncoder(
+    text = text_class(
         vocabulary_size=SIZES["vocabulary_size"], embedding_dim=SIZES["width"], hidden_dim=SIZES["width"],
         num_layers=SIZES["layers"], num_heads=SIZES["heads"], intermediate_dim=SIZES["mlp_dim"],
         max_sequence_length=SIZES["context_length"],
     )
     return vision, text
+
+
+def keras_towers():
+    import keras_hub
+
+    return towers(keras_hub.models.CLIPVisionEncoder, keras_hub.models.CLIPTextEncoder)
 
 
 def kci_towers():
     from keras_clip_it.encoders.clip.clip_towers import CLIPTextTower
     from keras_clip_it.encoders.clip.clip_towers import CLIPVisionTower
 
-    vision = CLIPVisionTower(
-        patch_size=SIZES["patch_size"], hidden_dim=SIZES["width"], num_layers=SIZES["layers"],
-        num_heads=SIZES["heads"], intermediate_dim=SIZES["mlp_dim"],
-        image_shape=(SIZES["image_size"], SIZES["image_size"], 3),
-    )
-    text = CLIPTextTower(
-        vocabulary_size=SIZES["vocabulary_size"], embedding_dim=SIZES["width"], hidden_dim=SIZES["width"],
-        num_layers=SIZES["layers"], num_heads=SIZES["heads"], intermediate_dim=SIZES["mlp_dim"],
-        max_sequence_length=SIZES["context_length"],
-    )
-    return vision, text
+    return towers(CLIPVisionTower, CLIPTextTower)
 
 
 def build_ours(jit_compile):
@@ -421,25 +414,14 @@ def run_side(side, steps, cores):
     # Pinned before any framework starts its thread pools, which size themselves from the affinity mask.
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
     result = run_torch(steps) if side == "pytorch" else run_keras(side, steps)
-    result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print("RESULT " + json.dumps(result), flush=True)
+    result["peak_memory_mb"] = harness.peak_rss_mb()
+    harness.report(result)
 
 
 def spawn(side, steps, cores, malloc):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_ENABLE_ONEDNN_OPTS="0")
-    if malloc == "reuse":
-        env["GLIBC_TUNABLES"] = MALLOC_REUSE
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
-    if side != "pytorch":
-        env["KERAS_BACKEND"] = "tensorflow" if "tensorflow" in side else "jax"
-    result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--side", side, "--steps", str(steps), "--cores", str(cores)],
-        env=env, capture_output=True, text=True,
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if result.returncode != 0 or not lines:
-        raise RuntimeError(f"{side} failed:\n{result.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    environment = {"GLIBC_TUNABLES": MALLOC_REUSE} if malloc == "reuse" else {}
+    backend = "tensorflow" if "tensorflow" in side else "jax"
+    return harness.run_child(__file__, ["--side", side, "--steps", steps, "--cores", cores], backend, environment)
 
 
 METRICS = ("steps_per_cpu_second", "steps_per_second")
@@ -460,12 +442,16 @@ def report(results, runs, steps, rounds, cores, malloc):
     # speed drifts, the median of these is steadier than best against best.
     round_ratios = {
         f"{side} / {reference}": [mine["steps_per_cpu_second"] / theirs["steps_per_cpu_second"]
-                                  for mine, theirs in zip(runs.get(side, []), runs.get(reference, []))]
+                                  for mine, theirs in zip(runs[side], runs[reference])]
         for side, reference in COMPARISONS
     }
     # A target counts as met when both the best-against-best ratio and the median round's ratio meet it.
-    main = {name: min([value, float(np.median(round_ratios[name]))] if round_ratios[name] else [value])
-            for name, value in ratios["steps_per_cpu_second"].items()}
+    main = {
+        f"{side} / {reference}": min(ratios["steps_per_cpu_second"][f"{side} / {reference}"], harness.median_ratio(
+            [run["steps_per_cpu_second"] for run in runs[side]], [run["steps_per_cpu_second"] for run in runs[reference]]
+        ))
+        for side, reference in COMPARISONS
+    }
     targets = {
         "ours-jax >= 1.2x pytorch and keras-hub-jax": min(main["ours-jax / pytorch"],
                                                           main["ours-jax / keras-hub-jax"]) >= 1.2,
@@ -484,7 +470,7 @@ def report(results, runs, steps, rounds, cores, malloc):
         "cores_per_side": cores,
         "malloc": f"GLIBC_TUNABLES={MALLOC_REUSE}" if malloc == "reuse" else "glibc defaults",
         "cpu_count": os.cpu_count(),
-        "cpu": _cpu_model(),
+        "cpu": harness.cpu_model(),
         "load_average_at_end": os.getloadavg(),
         "pytorch_side": "towers built with torch.nn as open_clip builds them; open_clip's own ClipLoss",
         "results": results,
@@ -495,20 +481,7 @@ def report(results, runs, steps, rounds, cores, malloc):
     }
 
 
-def _cpu_model():
-    """The CPU's model name and its widest vector extension, from /proc/cpuinfo (Linux)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            info = handle.read()
-    except OSError:
-        return "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    widest = next((flag for flag in ("avx512_bf16", "avx512f", "avx2", "avx") if flag in flags), "no AVX")
-    return f"{name} ({widest})"
-
-
-def write_markdown(summary, path):
+def markdown(summary):
     lines = [
         "# Training step: DualEncoder.fit against keras-hub and PyTorch",
         "",
@@ -547,8 +520,7 @@ def write_markdown(summary, path):
     targets = summary["targets_met (on steps per CPU-second)"]
     lines += ["", "| target (steps per CPU-second; best against best and the median round) | met |", "|---|---|"]
     lines += [f"| {name} | {'yes' if met else 'no'} |" for name, met in targets.items()]
-    with open(path, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def _cell(value, missing):
@@ -556,15 +528,14 @@ def _cell(value, missing):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, rounds=1, rounds_help="every side once per round, in turn, keeping its best")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--cores", type=int, default=1, help="CPU cores each side may use (pinned)")
     parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES))
     parser.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
                         help="glibc malloc settings of every side (see the module docstring)")
+    parser.add_argument("--output", default="train_step", help="results name: OUTPUT.json and .md in --results-dir")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # set in the per-side process
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "train_step"))
     args = parser.parse_args()
     if args.side:
         return run_side(args.side, args.steps, args.cores)
@@ -572,23 +543,17 @@ def main():
     unknown = sorted(set(sides) - set(SIDES))
     if unknown:
         parser.error(f"unknown sides {unknown}: choose among {SIDES}")
-    best, runs = {}, {side: [] for side in sides}
-    for round_index in range(args.rounds):
-        for side in sides:
-            result = spawn(side, args.steps, args.cores, args.malloc)
-            runs[side].append({metric: round(result[metric], 4) for metric in METRICS})
-            print(f"round {round_index + 1} {side}: {json.dumps(result)}", flush=True)
-            if side not in best or result["steps_per_cpu_second"] > best[side]["steps_per_cpu_second"]:
-                best[side] = result
+
+    runs = {side: (lambda side=side: spawn(side, args.steps, args.cores, args.malloc)) for side in sides}
+    measured = harness.rounds(runs, args.rounds, show=lambda result: result)
+    best = {side: harness.best_round(results, "steps_per_cpu_second") for side, results in measured.items()}
     if set(sides) != set(SIDES):
         print(json.dumps(best, indent=1))
         return
+    runs = {side: [{metric: round(result[metric], 4) for metric in METRICS} for result in results]
+            for side, results in measured.items()}
     summary = report(best, runs, args.steps, args.rounds, args.cores, args.malloc)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as handle:
-        json.dump(summary, handle, indent=1)
-    write_markdown(summary, args.out + ".md")
-    print(open(args.out + ".md").read())
+    harness.write_results(args.results_dir, args.output, summary, markdown(summary))
 
 
 if __name__ == "__main__":
