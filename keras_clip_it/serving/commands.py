@@ -75,7 +75,6 @@ def build_model(args):
 
     import keras_clip_it as kci
 
-    # Naming the classes imports them, which registers them with keras.saving: a fresh process needs it.
     kinds = (kci.ASIF, kci.DualEncoder)
     names = list(args.collection or [])
     if args.model:

@@ -69,7 +69,6 @@ def _encoder(kind, preset):
 def _load_keras(path):
     import keras
 
-    # Importing the classes registers them with keras.saving, which a fresh process needs to load them.
     from keras_clip_it.models.asif import ASIF
     from keras_clip_it.models.dual_encoder import DualEncoder
 
