@@ -9,7 +9,7 @@ import keras
 import numpy as np
 
 
-def assert_keras_roundtrip(model, run, tmp_path, atol=1e-6, backends=None):
+def assert_keras_roundtrip(model, run, tmp_path, atol=1e-6, backends=None, imports=()):
     """Saves `model` to .keras here, reloads it in a new process as a user would, and compares `run(model)`.
 
     The new process runs `import keras_clip_it` and `keras.saving.load_model(path, safe_mode=True)`, nothing
@@ -22,6 +22,8 @@ def assert_keras_roundtrip(model, run, tmp_path, atol=1e-6, backends=None):
         tmp_path: a directory for the file.
         atol: largest absolute difference allowed between the outputs.
         backends: Keras backends of the loading processes; default this process's one.
+        imports: modules the new process imports first, as a user imports the module of their own
+            custom layers (the package's classes need nothing).
 
     Returns:
         The model reloaded in this process (for further checks of its attributes).
@@ -31,7 +33,7 @@ def assert_keras_roundtrip(model, run, tmp_path, atol=1e-6, backends=None):
     path = os.path.join(str(tmp_path), "model.keras")
     model.save(path)
     for backend in backends or (keras.backend.backend(),):
-        actual = load_and_run_elsewhere(path, run, tmp_path, backend, type(model).__name__)
+        actual = load_and_run_elsewhere(path, run, tmp_path, backend, type(model).__name__, imports)
         assert len(actual) == len(expected)
         for want, got in zip(expected, actual):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=atol, err_msg=f"reloaded on {backend}")
@@ -41,10 +43,12 @@ def assert_keras_roundtrip(model, run, tmp_path, atol=1e-6, backends=None):
 
 
 _LOAD_AND_RUN = """
-import pickle, sys
+import importlib, pickle, sys
 import numpy as np
 import keras_clip_it
 import keras
+for name in sys.argv[5:]:
+    importlib.import_module(name)
 model = keras.saving.load_model(sys.argv[1], safe_mode=True)
 if type(model).__name__ != sys.argv[4]:
     sys.exit(f"loaded a {type(model).__name__}, saved a {sys.argv[4]}")
@@ -56,7 +60,7 @@ np.savez(sys.argv[3], *[np.asarray(output) for output in outputs])
 """
 
 
-def load_and_run_elsewhere(path, run, folder, backend, class_name):
+def load_and_run_elsewhere(path, run, folder, backend, class_name, imports=()):
     """`run(keras.saving.load_model(path))` in a fresh interpreter on `backend`: the list of its outputs."""
     import cloudpickle
 
@@ -67,7 +71,7 @@ def load_and_run_elsewhere(path, run, folder, backend, class_name):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [sys.executable, "-c", _LOAD_AND_RUN, path, function, outputs, class_name],
+        [sys.executable, "-c", _LOAD_AND_RUN, path, function, outputs, class_name, *imports],
         capture_output=True, text=True, timeout=600, env=env, cwd=root,
     )
     assert result.returncode == 0, f"loading {path} in a new {backend} process failed:\n{result.stderr[-4000:]}"
