@@ -4,9 +4,9 @@ JAX is the default backend: set ``KERAS_BACKEND`` before importing to choose ano
 
 The public names are imported on first use (PEP 562), so `import keras_clip_it.collections` or
 `keras_clip_it.data` loads neither Keras nor TensorFlow nor JAX: a plugin, a storage tool or a data
-pipeline pays for a backend only when it touches a model. `keras.saving.load_model` finds the package's
-classes once they are imported: in a fresh process, name the model's class first (`kci.DualEncoder`,
-`kci.ASIF`) or load through a `keras-clip-it` command.
+pipeline pays for a backend only when it touches a model. The package's saved classes are registered
+with Keras as soon as Keras is imported (`keras_clip_it.registration`), so after `import keras_clip_it`,
+`keras.saving.load_model` reads a saved `DualEncoder`, `ASIF` or encoder in any process.
 """
 
 import importlib
@@ -14,6 +14,7 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+from keras_clip_it import registration  # noqa: E402
 from keras_clip_it.version import __version__  # noqa: E402
 
 # Public name -> (module, attribute in it; None for the module itself).
@@ -49,6 +50,7 @@ def __getattr__(name):
     else:
         raise AttributeError(f"module 'keras_clip_it' has no attribute {name!r}")
     module = importlib.import_module(module_name)
+    registration.register()  # this import may have been the one that brought Keras in
     value = module if attribute is None else getattr(module, attribute)
     globals()[name] = value  # later lookups skip __getattr__
     return value
@@ -56,3 +58,6 @@ def __getattr__(name):
 
 def __dir__():
     return sorted({*globals(), *_PUBLIC, *_SUBPACKAGES})
+
+
+registration.install()

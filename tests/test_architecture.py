@@ -22,7 +22,7 @@ ALLOWED = {
     "collections": {"cache", "data"},
     "encoders": {"cache", "data"},
     "losses": set(),
-    "models": {"cache", "data", "encoders", "losses", "collections", "search", "templates", "distribution"},
+    "models": {"cache", "data", "encoders", "losses", "collections", "search", "templates", "distribution", "version"},
     "callbacks": {"models"},
     "tasks": {"cache", "data", "collections", "search", "encoders", "models", "templates"},
     "serving": {"cache", "data", "collections", "search", "encoders", "models", "templates", "version"},

@@ -73,3 +73,22 @@ def test_names_are_the_objects_of_their_modules():
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'DualEncoders'"):
         kci.DualEncoders  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import keras_clip_it; import keras",
+        "import keras; import keras_clip_it",
+        "import keras_clip_it; import keras_hub",  # keras-hub imports Keras from its own __init__
+        "import keras_clip_it.collections; import keras",
+        "import keras_clip_it as kci; kci.DualEncoder",  # Keras comes in inside one of our modules
+    ],
+)
+def test_saved_classes_are_known_to_keras_whatever_the_import_order(code):
+    names = ["DualEncoder", "ASIF", "ImageEncoder", "TextEncoder", "EfficientNetLiteBackbone", "HFBertBackbone"]
+    script = (
+        f"{code}\nimport keras\nknown = keras.saving.get_custom_objects()\n"
+        f"print(' '.join(name for name in {names!r} if 'keras_clip_it>' + name not in known))"
+    )
+    assert run(script).split() == []

@@ -5,6 +5,7 @@ wrong array shape is reported the same way everywhere: naming the item that was 
 """
 
 import io
+import math
 import os
 
 import numpy as np
@@ -126,6 +127,11 @@ def to_rgb_array(source, index=None):
 def resize_and_crop(image, size, crop_pct=1.0, resample="bicubic"):
     """Resizes the shorter side to `size / crop_pct` and centre-crops `size`, as ImageNet evaluation does.
 
+    The sizes follow the checkpoints' own processors, so embeddings match theirs on any image shape:
+    the shorter side goes to `floor(size / crop_pct)` (timm), the longer side to the *truncated*
+    proportional length (transformers' `CLIPImageProcessor`, torchvision's `Resize`: a 640 x 480 photo
+    resized for 224 becomes 298 x 224, not 299 x 224), and the crop offset is floored.
+
     Args:
         image: uint8 (H, W, 3) array.
         size: (height, width) of the output.
@@ -141,9 +147,14 @@ def resize_and_crop(image, size, crop_pct=1.0, resample="bicubic"):
         return image
     if resample not in RESAMPLING:
         raise ValueError(f"resample must be one of {sorted(RESAMPLING)}, got {resample!r}")
-    scale = max(height, width) / crop_pct / min(image.shape[0], image.shape[1])
-    new_h = max(height, round(image.shape[0] * scale))
-    new_w = max(width, round(image.shape[1] * scale))
+    # A little slack so that e.g. 224 / 0.875 is 256, not 255 from a float rounding error.
+    short = int(math.floor(max(height, width) / crop_pct + 1e-6))
+    image_h, image_w = image.shape[0], image.shape[1]
+    if image_h <= image_w:
+        new_h, new_w = short, int(short * image_w / image_h)
+    else:
+        new_h, new_w = int(short * image_h / image_w), short
+    new_h, new_w = max(height, new_h), max(width, new_w)
     pil = Image.fromarray(image).resize((new_w, new_h), RESAMPLING[resample])
     top = (new_h - height) // 2
     left = (new_w - width) // 2

@@ -71,17 +71,14 @@ def build_model(args):
     Returns:
         (model, extra collections to register).
     """
-    import keras
-
     import keras_clip_it as kci
 
-    # Naming the classes imports them, which registers them with keras.saving: a fresh process needs it.
     kinds = (kci.ASIF, kci.DualEncoder)
     names = list(args.collection or [])
     if args.model:
-        model = keras.saving.load_model(args.model)
-        if not isinstance(model, kinds):
-            raise ValueError(f"{args.model} holds a {type(model).__name__}; serve takes an ASIF or a DualEncoder")
+        from keras_clip_it.models.saved import load_saved
+
+        model = load_saved(args.model, kinds=kinds)  # SavedModelError names the file and what to do
         if isinstance(model, kci.DualEncoder) and names:
             raise ValueError("a DualEncoder has no analogy collection: drop --collection")
         if isinstance(model, kci.ASIF) and args.k is not None:

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -67,34 +66,15 @@ def _encoder(kind, preset):
 
 
 def _load_keras(path):
-    import keras
-
-    # Importing the classes registers them with keras.saving, which a fresh process needs to load them.
     from keras_clip_it.models.asif import ASIF
     from keras_clip_it.models.dual_encoder import DualEncoder
+    from keras_clip_it.models.saved import SavedModelError
+    from keras_clip_it.models.saved import load_saved
 
-    if not path.endswith(".keras"):
-        raise CommandError(
-            f"--model {path!r} is not a .keras file: save a DualEncoder or an ASIF with model.save('model.keras')"
-        )
-    if "://" in path:  # keras loads local files only: copy the model next to us first
-        import fsspec
-
-        with tempfile.TemporaryDirectory() as folder:
-            local = os.path.join(folder, "model.keras")
-            try:
-                with fsspec.open(path, "rb") as source, open(local, "wb") as target:
-                    target.write(source.read())
-            except FileNotFoundError:
-                raise CommandError(f"--model {path!r} does not exist: check the URI") from None
-            model = keras.saving.load_model(local)
-    elif not os.path.isfile(path):
-        raise CommandError(f"--model {path!r} does not exist: check the path")
-    else:
-        model = keras.saving.load_model(path)
-    if not isinstance(model, (DualEncoder, ASIF)):
-        raise CommandError(f"--model {path!r} holds a {type(model).__name__}; the tasks need a DualEncoder or an ASIF")
-    return model
+    try:
+        return load_saved(path, kinds=(DualEncoder, ASIF))
+    except SavedModelError as error:
+        raise CommandError(f"--model: {error}") from None
 
 
 def load_model(args):

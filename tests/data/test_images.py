@@ -90,3 +90,23 @@ def test_decompression_bomb_is_refused_before_decoding():
     bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
     with pytest.raises(ImageDecodeError, match="pixels|too large"):
         to_rgb_array(bomb)
+
+
+@pytest.mark.parametrize("shape", [(45, 57), (57, 45), (480, 640), (33, 100), (100, 33), (31, 47), (17, 29), (64, 32)])
+def test_resize_and_crop_matches_transformers_clip_processor_on_any_shape(shape):
+    """CLIP checkpoints were trained on what their processor gives: the same pixels, on non-square images too."""
+    transformers = pytest.importorskip("transformers")
+    processor = transformers.CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_normalize=False, do_rescale=False
+    )
+    image = np.random.RandomState(sum(shape)).randint(0, 256, shape + (3,)).astype(np.uint8)
+    want = processor(images=image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    np.testing.assert_array_equal(resize_and_crop(image, (32, 32), crop_pct=1.0, resample="bicubic"), want)
+
+
+def test_crop_pct_resizes_the_shorter_side_to_the_floor_of_size_over_crop_pct():
+    image = np.random.RandomState(1).randint(0, 256, (480, 640, 3)).astype(np.uint8)
+    # 224 / 0.875 = 256 exactly: the shorter side goes to 256 and the longer to int(256 * 640 / 480) = 341.
+    resized = np.asarray(Image.fromarray(image).resize((341, 256), Image.BICUBIC))
+    want = resized[16:240, 58:282]
+    np.testing.assert_array_equal(resize_and_crop(image, (224, 224), crop_pct=0.875), want)

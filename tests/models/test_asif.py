@@ -317,7 +317,7 @@ def test_keras_roundtrip_keeps_the_collection(tmp_path):
         result = model.classify(embeddings=images[:8], labels=CLASSES, templates="it-short")
         return [result.scores, result.indices]
 
-    reloaded = assert_keras_roundtrip(asif, run, tmp_path)
+    reloaded = assert_keras_roundtrip(asif, run, tmp_path, imports=[__name__])  # this module's test towers
     assert reloaded.collection.ids == asif.collection.ids
     assert reloaded.collection.captions == asif.collection.captions
     assert reloaded.collection.name == "synthetic-it"

@@ -1,4 +1,5 @@
-"""Every model round-trips through `.keras`: `keras.saving.load_model(path, safe_mode=True)`, no custom_objects.
+"""Every model round-trips through `.keras`: `keras.saving.load_model(path, safe_mode=True)` in a new process
+that imported only `keras_clip_it`, no custom_objects; the DualEncoder and the ASIF also on the other backend.
 
 Serving reloads models from `.keras` files, so each kind is checked here in one place: tiny towers of
 every layer type the package builds on (ViT, batch-norm CNN, BERT with keras-hub's tokenizer), the real
@@ -18,6 +19,7 @@ from tests.models.test_dual_encoder_towers import tiny_model
 from tests.models.test_dual_encoder_towers import tiny_pairs
 from tests.models.test_dual_encoder_towers import tiny_text_encoder
 
+BOTH = ("jax", "tensorflow")
 TEXTS = ["a red cat", "una foto di un gatto nero", "Il caffè è pronto!", "", "the big blue car near a tree"]
 
 
@@ -49,7 +51,8 @@ def test_dual_encoder_keeps_projections_temperature_and_locks(tmp_path):
     model.lock("image")
     images, captions = tiny_pairs(4)
     reloaded = assert_keras_roundtrip(
-        model, lambda m: [m.encode_images(images), m.encode_texts(captions), m.logit_scale], tmp_path
+        model, lambda m: [m.encode_images(images), m.encode_texts(captions), m.logit_scale], tmp_path,
+        backends=BOTH,
     )
     assert reloaded.locked_towers == {"image": 0}
     assert not reloaded.image_encoder.trainable and not reloaded.learn_logit_scale
@@ -70,7 +73,7 @@ def test_asif_keeps_its_collection(tmp_path):
         representation = model.encode_images(queries)
         return [representation.indices, representation.values, model.classify(queries, labels, "en").scores]
 
-    reloaded = assert_keras_roundtrip(asif, run, tmp_path)
+    reloaded = assert_keras_roundtrip(asif, run, tmp_path, atol=1e-5, backends=BOTH)
     assert reloaded.collection.ids == asif.collection.ids and reloaded.collection.captions == asif.collection.captions
     assert reloaded.collection.metadata == asif.collection.metadata
     assert (reloaded.k, reloaded.p, reloaded.anchor_dtype, reloaded.unknown_threshold) == (8, 4.0, "float16", 0.01)
@@ -103,3 +106,43 @@ def test_multilingual_e5_small(tmp_path):
     encoder = kci.TextEncoder.from_preset("multilingual_e5_small")
     reloaded = assert_keras_roundtrip(encoder, lambda model: model.embed(TEXTS), tmp_path, atol=1e-5)
     assert reloaded.prefix == encoder.prefix
+
+
+@pytest.mark.parametrize("family", ["DualEncoder", "ASIF"])
+def test_the_cli_serves_a_keras_file_in_a_new_process(family, tmp_path):
+    """`keras-clip-it classify --model x.keras` in a subprocess gives the saving process's answers."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    images, captions = tiny_pairs(16)
+    if family == "DualEncoder":
+        model = tiny_model(image="cnn")
+    else:
+        model = kci.ASIF(tiny_image_encoder(), tiny_text_encoder(), k=8, p=4.0)
+        model.add([f"pair-{i}" for i in range(16)], images=images, captions=captions)
+    path, output = str(tmp_path / "model.keras"), str(tmp_path / "out.json")
+    model.save(path)
+    files = []
+    for index in range(3):
+        files.append(str(tmp_path / f"query-{index}.png"))
+        Image.fromarray(images[index]).save(files[-1])
+    labels = ["red", "blue", "green", "yellow"]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_clip_it.cli", "classify", *files, "--labels", *labels, "--model", path,
+         "--lang", "en", "--templates", "{}", "--top-k", "4", "--output", output],
+        capture_output=True, text=True, timeout=600, cwd=root,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = json.loads(open(output, encoding="utf-8").read())["predictions"]
+    expected = kci.ZeroShotClassifier(model, labels, templates="{}").predict(images[:3], top_k=4)
+    assert len(predictions) == 3
+    for prediction, want in zip(predictions, expected):
+        assert [top["label"] for top in prediction["top"]] == [label for label, _ in want]
+        np.testing.assert_allclose([top["score"] for top in prediction["top"]], [score for _, score in want],
+                                   atol=1e-4)
