@@ -19,18 +19,13 @@ import importlib.util
 import sys
 import threading
 
-# Every module that defines a class or function registered with `keras.saving.register_keras_serializable`.
+# The modules of the classes a saved model starts from. The towers import their architecture's modules
+# (backbones, tokenizers, registered by each encoders/ folder) when they are rebuilt, so those load only
+# for a file that contains them.
 SERIALIZABLE = (
     "keras_clip_it.losses",
     "keras_clip_it.encoders.image_encoder",
     "keras_clip_it.encoders.text_encoder",
-    "keras_clip_it.encoders.text_preprocessor",
-    "keras_clip_it.encoders.clip_layers",
-    "keras_clip_it.encoders.efficientnet_lite",
-    "keras_clip_it.encoders.e5",
-    "keras_clip_it.encoders.hf_bert_tokenizer",
-    "keras_clip_it.encoders.hf_clip",
-    "keras_clip_it.encoders.minilm",
     "keras_clip_it.models.dual_encoder",
     "keras_clip_it.models.feature_cache",
     "keras_clip_it.models.asif",
