@@ -204,12 +204,27 @@ def fill(templates, label):
     return [t.format(label) if isinstance(t, str) else str(t(label)) for t in get_templates(templates)]
 
 
+def prompt_embeddings(embed, labels, templates=None):
+    """Unit (C, T, D) embeddings of each label's caption under each of the T templates.
+
+    The one place labels become embeddings: `ensemble` averages them (CLIP's prompt ensembling), ASIF
+    represents each prompt and pools the scores (the ASIF authors' way), the server and the SavedModel
+    export go through one of the two.
+
+    Args:
+        embed: texts -> (n, D) unit embeddings (a text encoder's `embed`, a DualEncoder's `encode_texts`).
+        labels: list of str class names.
+        templates: as in `get_templates`.
+    """
+    captions = [fill(templates, label) for label in labels]
+    per_label = len(captions[0])
+    flat = np.asarray(embed([caption for group in captions for caption in group]), np.float32)
+    return flat.reshape(len(labels), per_label, -1)
+
+
 def ensemble(embed, labels, templates=None):
     """Unit (C, D) label embeddings: each label's captions under every template embedded, averaged and
     re-normalised (CLIP's prompt ensembling).
-
-    The one place labels become embeddings: ASIF, the server, the zero-shot classifier and the SavedModel
-    export all call it.
 
     Args:
         embed: texts -> (n, D) unit embeddings (a text encoder's `embed`, a DualEncoder's `encode_texts`).
@@ -220,8 +235,10 @@ def ensemble(embed, labels, templates=None):
     >>> ensemble(lambda texts: np.eye(2)[[len(t) % 2 for t in texts]], ["ab", "b"], None).tolist()
     [[1.0, 0.0], [0.0, 1.0]]
     """
-    captions = [fill(templates, label) for label in labels]
-    per_label = len(captions[0])
-    flat = np.asarray(embed([caption for group in captions for caption in group]), np.float32)
-    mean = flat.reshape(len(labels), per_label, -1).mean(axis=1)
+    return average(prompt_embeddings(embed, labels, templates))
+
+
+def average(prompts):
+    """(C, D) unit means of (C, T, D) prompt embeddings."""
+    mean = np.asarray(prompts, np.float32).mean(axis=1)
     return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
