@@ -100,7 +100,7 @@ class ASIF(keras.Model):
         k=800,
         p=8.0,
         label_pooling="average",
-        center=False,
+        center=True,
         collection=None,
         anchor_dtype="float32",
         unknown_threshold=0.0,
