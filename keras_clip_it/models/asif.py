@@ -27,6 +27,9 @@ from keras_clip_it.models.asif_state import RelativeRepresentation
 from keras_clip_it.models.asif_state import checked_pooling
 from keras_clip_it.models.asif_state import normalize
 from keras_clip_it.models.asif_state import unknown_report
+from keras_clip_it.models.asif_tuning import KS as TUNED_KS
+from keras_clip_it.models.asif_tuning import PS as TUNED_PS
+from keras_clip_it.models.asif_tuning import tune_settings
 
 
 # Next to the saved collection: the centres of a centred model's two sides (JSON lists of floats).
@@ -537,6 +540,31 @@ class ASIF(keras.Model):
         np.maximum.at(importance, rep.indices.ravel(), rep.values.ravel())
         keep = np.sort(np.argsort(-importance, kind="stable")[: int(m)])
         return state.collection.copy(rows=keep, name=f"{state.name}-pruned-{int(m)}")
+
+    def tune(self, ks=None, ps=None, centers=(True, False), held_out=0.2, max_queries=1000, seed=0):
+        """Picks k, p and centring from the collection alone, and publishes them.
+
+        Part of the collection's pairs (`held_out`, at most `max_queries`) are held out and retrieved
+        both ways (image -> its caption, caption -> its image) with the rest as anchors; the setting with
+        the best mean R@1 is chosen (deterministic for a collection and `seed`). Best suited to
+        collections of distinct captions: where captions repeat (a class name in a few templates), a
+        pair's own caption is one of many equal ones and the score says little.
+
+        Returns:
+            `asif.tuning`: {"tried": [...], "chosen": {...}, "pairs", "queries"}.
+        """
+        report = tune_settings(self, ks or TUNED_KS, ps or TUNED_PS, centers, held_out, max_queries, seed)
+        chosen = report["chosen"]
+        with self._write_lock:
+            self.center = chosen["center"]
+            self._publish(k=_checked_k(chosen["k"]), p=_checked_p(chosen["p"]))
+        self._tuning = report
+        return report
+
+    @property
+    def tuning(self):
+        """What the last `tune()` tried and chose (None before any)."""
+        return getattr(self, "_tuning", None)
 
     # === Saving ===
 

@@ -177,3 +177,29 @@ def test_a_kept_collection_is_not_reused_across_a_centring_change():
     asif.use(first)
     assert asif.snapshot().anchors.centered is False
     assert keras.saving.get_registered_object("keras_clip_it>ASIF") is ASIF
+
+
+def test_tune_picks_settings_from_held_out_pairs_deterministically(tmp_path):
+    rng = np.random.default_rng(0)
+    images = unit(rng.standard_normal((300, 24)))
+    texts = unit(images[:, :16] + 0.3 * rng.standard_normal((300, 16)))  # paired: the caption follows the image
+    asif = ASIF(VectorEncoder(24), VectorEncoder(16), k=800, p=8.0)
+    asif.add([f"p{i}" for i in range(300)], image_embeddings=images, text_embeddings=texts, captions=["c"] * 300)
+    report = asif.tune(ks=(5, 40), ps=(2.0, 8.0))
+    assert dict(asif.tuning) == report and report["pairs"] == 300 and report["queries"] == 60
+    assert len(report["tried"]) == 2 * 2 * 2
+    chosen = report["chosen"]
+    assert chosen["score"] == max(row["score"] for row in report["tried"]) and chosen["score"] > 0.1  # chance: 1/60
+    assert (asif.k, asif.p, asif.center) == (chosen["k"], chosen["p"], chosen["center"])
+    assert len(asif.collection) == 300  # the model's own collection is untouched
+    path = str(tmp_path / "tuned.keras")
+    asif.save(path)
+    reloaded = keras.saving.load_model(path, safe_mode=True)
+    assert (reloaded.k, reloaded.p, reloaded.center) == (asif.k, asif.p, asif.center)
+    again = ASIF(VectorEncoder(24), VectorEncoder(16))
+    again.add([f"p{i}" for i in range(300)], image_embeddings=images, text_embeddings=texts, captions=["c"] * 300)
+    assert again.tune(ks=(5, 40), ps=(2.0, 8.0))["tried"] == report["tried"]
+    with pytest.raises(ValueError, match="at least 10 pairs"):
+        small = ASIF(VectorEncoder(24), VectorEncoder(16))
+        small.add(["a", "b"], image_embeddings=images[:2], text_embeddings=texts[:2])
+        small.tune()
