@@ -161,7 +161,10 @@ class ASIF(keras.Model):
 
     @property
     def label_pooling(self):
-        """How a label scores from its template captions ("max", "mean", "average"). Setting it publishes a new state."""
+        """How a label scores from its template captions ("average", "max", "mean").
+
+        Setting it publishes a new state.
+        """
         return self._published.label_pooling
 
     @label_pooling.setter

@@ -123,7 +123,9 @@ class Anchors:
         centers: {kind: float32 (D,)} centres already fixed (from the previous version, or saved).
     """
 
-    def __init__(self, collection, fingerprints, dtype="float32", mesh=None, indexes=None, centered=False, centers=None):
+    def __init__(
+        self, collection, fingerprints, dtype="float32", mesh=None, indexes=None, centered=False, centers=None
+    ):
         self.collection = collection
         self.version = collection.version
         self.size = len(collection)

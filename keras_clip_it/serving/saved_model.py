@@ -452,9 +452,11 @@ class _Relative:
         """A function (indices, weights) -> (Q, C) scores against fixed class representations, exactly sparse.
 
         `representation` has one row per label or one per caption (pooled by max or mean over each
-        label's captions, as the model's `label_pooling` says). The class entries are stored sorted by anchor (an inverted index): each query entry finds the class
-        entries on its anchor by binary search and the products are summed per (query, class), as
-        `keras_clip_it.models.asif_state.sparse_inner` does; work grows with the matches, never with the collection size.
+        label's captions, as the model's `label_pooling` says). The class entries are stored sorted by
+        anchor (an inverted index): each query entry finds the class entries on its anchor by binary
+        search and the products are summed per (query, class), as
+        `keras_clip_it.models.asif_state.sparse_inner` does; work grows with the matches, never with the
+        collection size.
         """
         classes, k = representation.indices.shape
         anchors = representation.indices.ravel()
