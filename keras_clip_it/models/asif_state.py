@@ -232,7 +232,10 @@ class Anchors:
 
 
 class LabelEmbeddings:
-    """Unit (C, T, D) embeddings of each label under each template, kept for the last `size` label sets.
+    """Unit (C, T, D) embeddings of each label under each of T templates, kept for the last `size` label sets.
+
+    With `averaged=True` only the templates' average is kept, (C, 1, D): what "average" pooling and a
+    dual encoder need, T times less memory than every caption.
 
     Keyed by the labels, the templates and the text encoder's fingerprint: what a label embedding depends
     on. Requests that bring the same new label set at once wait for one embedding instead of each
@@ -250,8 +253,8 @@ class LabelEmbeddings:
         self._sets = _collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, labels, templates, fingerprint, embed=None):
-        key = (tuple(labels), templates_key(templates), fingerprint)
+    def get(self, labels, templates, fingerprint, embed=None, averaged=True):
+        key = (tuple(labels), templates_key(templates), fingerprint, bool(averaged))
         with self._lock:
             cached = self._sets.get(key)
             if cached is not None:
@@ -264,6 +267,8 @@ class LabelEmbeddings:
             return cached.result() if isinstance(cached, Future) else cached
         try:
             embeddings = prompt_embeddings(embed or self._embed, labels, templates)
+            if averaged:
+                embeddings = average(embeddings)[:, None, :]
         except BaseException as error:
             with self._lock:
                 if self._sets.get(key) is pending:
@@ -399,9 +404,9 @@ class ASIFState:
         cached = self._classes.get(key)
         if cached is None:
             anchors = self._anchors()
-            prompts = self.labels.get(labels, templates, anchors.fingerprints["text"], embed)
-            group = 1 if pooling == "average" else prompts.shape[1]
-            embeddings = average(prompts) if pooling == "average" else prompts.reshape(-1, prompts.shape[-1])
+            prompts = self.labels.get(labels, templates, anchors.fingerprints["text"], embed, pooling == "average")
+            group = prompts.shape[1]
+            embeddings = prompts.reshape(-1, prompts.shape[-1])
             representation = self.relative(embeddings, "text")
             dense = None
             if len(representation) * representation.num_anchors <= _DENSE_LABELS:
