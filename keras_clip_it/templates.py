@@ -5,13 +5,47 @@ label into captions that look like the data the text side was built from, and av
 templates smooths the wording away (Radford et al. 2021, section 3.1.4).
 
 English: the 80 ImageNet templates of the CLIP paper ("en") and the 7 its authors kept after selection
-("en-short"). Italian ("it", "it-short"): translations that need no article or agreement, since Italian
-articles and adjectives depend on the label's gender and number ("un gatto", "una mucca", "gli
-orsi"): "una foto di {}." reads well with a bare label ("una foto di gatto") and with one that carries
-its own article ("una foto di un gatto"), so pass labels as you would say them.
+("en-short"). Italian ("it", "it-short"): translations that need no article or agreement of their own,
+since Italian articles and adjectives depend on the label's gender and number ("un gatto", "una mucca",
+"gli orsi"). Every Italian template puts the label after a preposition ("una foto di {}.") or at the
+start ("{} in un videogioco."), so a bare label reads right ("una foto di gatto") and so does one with
+its own article, the preposition joining a definite article as Italian requires ("di" + "gli orsi" ->
+"degli orsi", "a forma di" + "il gatto" -> "a forma del gatto").
 """
 
+import re
+
 import numpy as np
+
+# Articulated prepositions: preposition + definite article -> one word ("di" + "il" = "del").
+_PREPOSITIONS = {"di": "de", "a": "a", "da": "da", "in": "ne", "su": "su"}
+_ARTICLES = {"il": "l", "lo": "llo", "la": "lla", "i": "i", "gli": "gli", "le": "lle", "l'": "ll'", "l’": "ll'"}
+_JOINED = re.compile(r"\b(di|a|da|in|su) (il|lo|la|i|gli|le)\b(?=\s)|\b(di|a|da|in|su) (l'|l’)", re.IGNORECASE)
+
+
+def contract(text):
+    """Italian `text` with each preposition + definite article joined ("una foto di gli orsi" ->
+    "una foto degli orsi", "di l'orso" -> "dell'orso").
+
+    Example:
+    >>> contract("un origami di lo scoiattolo")
+    'un origami dello scoiattolo'
+    """
+
+    def join(match):
+        preposition = (match.group(1) or match.group(3)).lower()
+        article = (match.group(2) or match.group(4)).lower()
+        return _PREPOSITIONS[preposition] + _ARTICLES[article]
+
+    return _JOINED.sub(join, text)
+
+
+class ItalianTemplate(str):
+    """An Italian template string: `format` joins the preposition before the label with the label's
+    definite article, if it has one ("una foto di {}." with "gli orsi" -> "una foto degli orsi.")."""
+
+    def format(self, *args, **kwargs):
+        return contract(str.format(self, *args, **kwargs))
 
 ENGLISH = (
     "a bad photo of a {}.",
@@ -107,7 +141,8 @@ ENGLISH_SHORT = (
 )
 
 # The English set's ideas in forms that hold for any gender and number ("una foto sfocata di {}" rather
-# than "una foto di un {} sfocato"); "itap" (I took a picture) becomes "ho fotografato".
+# than "una foto di un {} sfocato"), the label always after a preposition or first, never a bare direct
+# object ("ho fotografato gatto." is wrong): "itap" (I took a picture) becomes "una mia foto di".
 ITALIAN = (
     "una foto di {}.",
     "una brutta foto di {}.",
@@ -124,7 +159,7 @@ ITALIAN = (
     "una foto in primo piano di {}.",
     "una foto da vicino di {}.",
     "una foto difficile da vedere di {}.",
-    "una foto con {}.",
+    "una foto ravvicinata di {}.",
     "una fotografia di {}.",
     "un'immagine di {}.",
     "un disegno di {}.",
@@ -144,22 +179,25 @@ ITALIAN = (
     "un peluche a forma di {}.",
     "un giocattolo a forma di {}.",
     "una versione di plastica di {}.",
-    "arte raffigurante {}.",
+    "un'opera d'arte di {}.",
     "{} in un videogioco.",
     "{} in un cartone animato.",
-    "ho fotografato {}.",
-    "ecco {}.",
+    "una mia foto di {}.",
+    "ecco una foto di {}.",
 )
 
 ITALIAN_SHORT = (
     "una foto di {}.",
-    "ho fotografato {}.",
+    "una mia foto di {}.",
     "una brutta foto di {}.",
     "un origami di {}.",
     "{} in un videogioco.",
     "un disegno di {}.",
     "una foto in primo piano di {}.",
 )
+
+ITALIAN = tuple(ItalianTemplate(template) for template in ITALIAN)
+ITALIAN_SHORT = tuple(ItalianTemplate(template) for template in ITALIAN_SHORT)
 
 TEMPLATE_SETS = {"en": ENGLISH, "en-short": ENGLISH_SHORT, "it": ITALIAN, "it-short": ITALIAN_SHORT}
 
@@ -204,12 +242,27 @@ def fill(templates, label):
     return [t.format(label) if isinstance(t, str) else str(t(label)) for t in get_templates(templates)]
 
 
+def prompt_embeddings(embed, labels, templates=None):
+    """Unit (C, T, D) embeddings of each label's caption under each of the T templates.
+
+    The one place labels become embeddings: `ensemble` averages them (CLIP's prompt ensembling), ASIF
+    represents each prompt and pools the scores (the ASIF authors' way), the server and the SavedModel
+    export go through one of the two.
+
+    Args:
+        embed: texts -> (n, D) unit embeddings (a text encoder's `embed`, a DualEncoder's `encode_texts`).
+        labels: list of str class names.
+        templates: as in `get_templates`.
+    """
+    captions = [fill(templates, label) for label in labels]
+    per_label = len(captions[0])
+    flat = np.asarray(embed([caption for group in captions for caption in group]), np.float32)
+    return flat.reshape(len(labels), per_label, -1)
+
+
 def ensemble(embed, labels, templates=None):
     """Unit (C, D) label embeddings: each label's captions under every template embedded, averaged and
     re-normalised (CLIP's prompt ensembling).
-
-    The one place labels become embeddings: ASIF, the server, the zero-shot classifier and the SavedModel
-    export all call it.
 
     Args:
         embed: texts -> (n, D) unit embeddings (a text encoder's `embed`, a DualEncoder's `encode_texts`).
@@ -220,8 +273,10 @@ def ensemble(embed, labels, templates=None):
     >>> ensemble(lambda texts: np.eye(2)[[len(t) % 2 for t in texts]], ["ab", "b"], None).tolist()
     [[1.0, 0.0], [0.0, 1.0]]
     """
-    captions = [fill(templates, label) for label in labels]
-    per_label = len(captions[0])
-    flat = np.asarray(embed([caption for group in captions for caption in group]), np.float32)
-    mean = flat.reshape(len(labels), per_label, -1).mean(axis=1)
+    return average(prompt_embeddings(embed, labels, templates))
+
+
+def average(prompts):
+    """(C, D) unit means of (C, T, D) prompt embeddings."""
+    mean = np.asarray(prompts, np.float32).mean(axis=1)
     return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)

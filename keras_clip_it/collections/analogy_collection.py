@@ -69,6 +69,8 @@ class AnalogyCollection:
         self._embeddings = {}
         # (kind, fingerprint) -> (id of the buffer, rows before which its spare rows are mapped or mapping).
         self._mapped = {}
+        # (kind, fingerprint) -> float64 (D,) sum of the rows, kept from its first use on by add and remove.
+        self._sums = {}
         self.version = 0
         # Unique in the process: what a model keys the state it derived from this collection on.
         self.uid = next(_UIDS)
@@ -146,6 +148,20 @@ class AnalogyCollection:
         return view
 
     @_locked
+    def embedding_mean(self, kind, fingerprint):
+        """The float32 (D,) mean of one encoder's embeddings (zeros for an empty collection).
+
+        The first call sums the rows; from then on `add` and `remove` keep the sum up to date in
+        O(pairs changed), so a model centering its anchors (`ASIF(center=True)`) can follow the mean of
+        a changing collection without passing over it.
+        """
+        key = (_check_kind(kind), str(fingerprint))
+        rows = self.embeddings(kind, fingerprint)
+        if key not in self._sums:
+            self._sums[key] = rows.sum(axis=0, dtype=np.float64)
+        return (self._sums[key] / max(len(self), 1)).astype(np.float32)
+
+    @_locked
     def add(self, ids, captions=None, image_refs=None, metadata=None, embeddings=None):
         """Appends pairs after the existing rows.
 
@@ -199,6 +215,8 @@ class AnalogyCollection:
             for i in ids:
                 del rows[i]
             raise
+        for key, total in self._sums.items():
+            total += np.asarray(new[key], np.float32).sum(axis=0, dtype=np.float64)
         self._ids.extend(ids)
         self._captions.extend(captions)
         self._image_refs.extend(image_refs)
@@ -237,6 +255,8 @@ class AnalogyCollection:
         size = len(self)
         new_size = size - drop.size
         holes, movers = removal_moves(size, drop)
+        for key, total in self._sums.items():
+            total -= self._embeddings[key][drop].sum(axis=0, dtype=np.float64)
         for array in self._embeddings.values():
             array[holes] = array[movers]
         rows, ids = self._rows, self._ids
@@ -260,6 +280,7 @@ class AnalogyCollection:
             raise ValueError(f"{kind} embeddings have {array.shape[0]} rows, collection {self.name!r} has {len(self)}")
         self._embeddings[key] = array
         self._mapped.pop(key, None)
+        self._sums.pop(key, None)
         self.version += 1
         # Embeddings replaced: nothing derived from the old ones can be updated incrementally.
         self._changes = []

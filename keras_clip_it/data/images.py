@@ -161,12 +161,42 @@ def resize_and_crop(image, size, crop_pct=1.0, resample="bicubic"):
     return np.asarray(pil.crop((left, top, left + width, top + height)), dtype=np.uint8)
 
 
+def as_image_batch(inputs):
+    """`inputs` as a batch: a 4-D array (N, H, W, C), or a list of single images of any accepted kind.
+
+    The rule for arrays, the same at every entry point: a 4-D array is a batch; a 3-D array whose last
+    axis is 1, 3 or 4 is one (H, W, C) image; any other 3-D array is a batch of grey (N, H, W) images
+    (`kci.datasets.fashion_mnist` returns (N, 28, 28)), except when its first axis is 3 or 4, where it
+    may as well be one channels-first image: that shape is refused with how to pass either.
+
+    Example:
+    >>> as_image_batch(np.zeros((5, 28, 28), np.uint8)).shape
+    (5, 28, 28, 1)
+    """
+    if isinstance(inputs, np.ndarray) and inputs.dtype != object:
+        if inputs.ndim == 4:
+            return inputs
+        if inputs.ndim == 3 and inputs.shape[-1] not in (1, 3, 4):
+            if inputs.shape[0] in (3, 4):
+                raise ImageDecodeError(
+                    f"an array of shape {inputs.shape} is ambiguous: {inputs.shape[0]} grey images or one "
+                    "channels-first image; pass x[..., None] for a batch of grey images, or "
+                    "np.moveaxis(x, 0, -1) for one image"
+                )
+            return inputs[..., None]
+        return [inputs]
+    if isinstance(inputs, (str, os.PathLike, bytes, bytearray, Image.Image)):
+        return [inputs]
+    return list(inputs)
+
+
 def load_images(inputs, size=None, crop_pct=1.0, resample="bicubic"):
     """Decodes a batch of images of any accepted kind to one uint8 (N, H, W, 3) array.
 
     Args:
-        inputs: a uint8/float array (N, H, W, C) or (H, W, C), or a list mixing arrays, PIL images,
-            paths, fsspec URIs and encoded bytes (see `to_rgb_array`).
+        inputs: a uint8/float array (N, H, W, C), (H, W, C) or (N, H, W) grey (see `as_image_batch`),
+            or a list mixing arrays, PIL images, paths, fsspec URIs and encoded bytes (see
+            `to_rgb_array`).
         size: (height, width) to resize and centre-crop to; required when the images differ in size.
         crop_pct: see `resize_and_crop`.
         resample: see `resize_and_crop`.
@@ -178,12 +208,7 @@ def load_images(inputs, size=None, crop_pct=1.0, resample="bicubic"):
     >>> load_images([np.zeros((30, 40, 3), np.uint8)], size=(16, 16)).shape
     (1, 16, 16, 3)
     """
-    if isinstance(inputs, np.ndarray) and inputs.ndim == 4:
-        items = list(inputs)
-    elif isinstance(inputs, (np.ndarray, str, os.PathLike, bytes, bytearray, Image.Image)):
-        items = [inputs]
-    else:
-        items = list(inputs)
+    items = as_image_batch(inputs)
     arrays = [to_rgb_array(item, index) for index, item in enumerate(items)]
     if size is not None:
         size = (size, size) if isinstance(size, int) else tuple(size)

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_clip_it.data.images import as_image_batch
 from keras_clip_it.data.images import load_images
 from keras_clip_it.encoders import presets
 from keras_clip_it.encoders.base import EncoderMixin
@@ -121,15 +122,15 @@ class ImageEncoder(EncoderMixin, keras.Model):
         """Embeds images as L2-normalised float32 rows.
 
         Args:
-            inputs: a uint8 array (N, H, W, 3) or (H, W, 3), or a list of arrays, PIL images, paths,
-                fsspec URIs or encoded bytes.
+            inputs: a uint8 array (N, H, W, 3), (H, W, 3) or (N, H, W) grey, or a list of arrays, PIL
+                images, paths, fsspec URIs or encoded bytes (`keras_clip_it.data.images.as_image_batch`).
             batch_size: images run through the network at once.
             progress: show a progress bar (None: only for long runs).
 
         Returns:
             float32 array (N, embedding_dim).
         """
-        items = inputs if isinstance(inputs, np.ndarray) and inputs.ndim == 4 else _as_list(inputs)
+        items = as_image_batch(inputs)
         features = self._run_batches(
             len(items),
             lambda start, stop: self.preprocess(items[start:stop]),
@@ -148,7 +149,7 @@ class ImageEncoder(EncoderMixin, keras.Model):
         """
         if self.head is None:
             raise ValueError("this encoder has no classification head: build it with head= and class_names=")
-        items = inputs if isinstance(inputs, np.ndarray) and inputs.ndim == 4 else _as_list(inputs)
+        items = as_image_batch(inputs)
         features = self._run_batches(
             len(items), lambda start, stop: self.preprocess(items[start:stop]), batch_size, None, "classifying"
         )
@@ -217,9 +218,3 @@ class ImageEncoder(EncoderMixin, keras.Model):
         if config.get("head") is not None:
             config["head"] = keras.layers.deserialize(config["head"])
         return cls(**config)
-
-
-def _as_list(inputs):
-    if isinstance(inputs, (list, tuple)):
-        return list(inputs)
-    return [inputs]

@@ -10,6 +10,7 @@ back to the pairs behind it.
 """
 
 import collections as _collections
+import json
 import os
 import threading
 
@@ -23,8 +24,16 @@ from keras_clip_it.models.asif_state import Anchors
 from keras_clip_it.models.asif_state import ASIFState
 from keras_clip_it.models.asif_state import LabelEmbeddings
 from keras_clip_it.models.asif_state import RelativeRepresentation
+from keras_clip_it.models.asif_state import checked_pooling
 from keras_clip_it.models.asif_state import normalize
 from keras_clip_it.models.asif_state import unknown_report
+from keras_clip_it.models.asif_tuning import KS as TUNED_KS
+from keras_clip_it.models.asif_tuning import PS as TUNED_PS
+from keras_clip_it.models.asif_tuning import tune_settings
+
+
+# Next to the saved collection: the centres of a centred model's two sides (JSON lists of floats).
+_CENTERS = "asif_centers.json"
 
 
 @keras.saving.register_keras_serializable(package="keras_clip_it")
@@ -60,6 +69,13 @@ class ASIF(keras.Model):
             small collections of distinct captions do better with a small k and a larger p (the emoji
             collection: k = 10, p = 16, tuned by recipes/asif_emoji.py).
         p: float, exponent applied to the kept similarities (larger = sharper).
+        label_pooling: how a label scores from its template captions: "max" (each caption represented,
+            the label scores by its best one, as the ASIF authors do), "mean" (the captions' scores
+            averaged) or "average" (the captions' embeddings averaged, then represented, as CLIP's
+            prompt ensembling). Part of the published state, so the server and the export follow it.
+        center: bool; subtract each side's anchor mean from its anchors, queries and labels and
+            normalise again (see `Anchors`): flat relative representations of anisotropic encoders
+            (multilingual-e5) become sharp. Saved with the model.
         collection: an `AnalogyCollection`, a registered collection name, a URI, or None (start empty
             and `add` pairs).
         anchor_dtype: "float32", "float16" or "int8": how anchors are stored for search.
@@ -86,6 +102,8 @@ class ASIF(keras.Model):
         text_encoder,
         k=800,
         p=8.0,
+        label_pooling="average",
+        center=True,
         collection=None,
         anchor_dtype="float32",
         unknown_threshold=0.0,
@@ -109,11 +127,13 @@ class ASIF(keras.Model):
         self._anchor_dtype = anchor_dtype
         self._mesh = _as_mesh(mesh)
         self._keep_collections = int(keep_collections)
+        self._center = bool(center)
         # Changes are serialised; queries never wait for them (they read the published state).
         self._write_lock = threading.RLock()
         self._kept = _Kept()
         self._published = ASIFState(
-            0, None, _checked_k(k), _checked_p(p), float(unknown_threshold), LabelEmbeddings(text_encoder.embed)
+            0, None, _checked_k(k), _checked_p(p), float(unknown_threshold), LabelEmbeddings(text_encoder.embed),
+            checked_pooling(label_pooling),
         )
         if collection is not None:
             self.use(collection)
@@ -138,6 +158,31 @@ class ASIF(keras.Model):
     @p.setter
     def p(self, value):
         self._publish(p=_checked_p(value))
+
+    @property
+    def label_pooling(self):
+        """How a label scores from its template captions ("average", "max", "mean").
+
+        Setting it publishes a new state.
+        """
+        return self._published.label_pooling
+
+    @label_pooling.setter
+    def label_pooling(self, value):
+        self._publish(label_pooling=checked_pooling(value))
+
+    @property
+    def center(self):
+        """bool, whether each side is centred on its anchors' mean. Setting it publishes a new state."""
+        return self._center
+
+    @center.setter
+    def center(self, value):
+        with self._write_lock:
+            self._center = bool(value)
+            state = self.snapshot()
+            if state.anchors is not None:
+                self._publish(anchors=self._new_anchors(state.collection))
 
     @property
     def unknown_threshold(self):
@@ -189,7 +234,8 @@ class ASIF(keras.Model):
         with self._write_lock:
             state = self._published
             anchors = state.anchors if anchors is None else anchors
-            settings = {name: settings.get(name, getattr(state, name)) for name in ("k", "p", "unknown_threshold")}
+            names = ("k", "p", "unknown_threshold", "label_pooling")
+            settings = {name: settings.get(name, getattr(state, name)) for name in names}
             if anchors is not None:
                 self._kept.keep(anchors, self._keep_collections)
             self._published = ASIFState(state.version + 1, anchors, labels=state.labels, **settings)
@@ -206,6 +252,8 @@ class ASIF(keras.Model):
             self.text_encoder,
             k=self.k,
             p=self.p,
+            label_pooling=self.label_pooling,
+            center=self._center,
             anchor_dtype=self._anchor_dtype,
             unknown_threshold=self.unknown_threshold,
             mesh=self._mesh,
@@ -266,7 +314,7 @@ class ASIF(keras.Model):
         if not isinstance(collection, AnalogyCollection):
             raise TypeError(f"use() takes an AnalogyCollection, a name or a URI, got {type(collection).__name__}")
         kept = self._kept.find(collection)
-        if kept is not None:
+        if kept is not None and kept.centered == self._center:
             return kept.followed(self.k)
         fingerprints = self._fingerprints()  # read once: some encoders rehash their weights on every read
         if len(collection):
@@ -276,7 +324,11 @@ class ASIF(keras.Model):
                 if not collection.has_embeddings(kind, fingerprint)
             }
             collection.embed(**missing)
-        return Anchors(collection, fingerprints, self._anchor_dtype, self._mesh)
+        return self._new_anchors(collection, fingerprints)
+
+    def _new_anchors(self, collection, fingerprints=None, centers=None):
+        fingerprints = self._fingerprints() if fingerprints is None else fingerprints
+        return Anchors(collection, fingerprints, self._anchor_dtype, self._mesh, centered=self._center, centers=centers)
 
     def _fingerprints(self):
         return {"image": self.image_encoder.fingerprint, "text": self.text_encoder.fingerprint}
@@ -303,7 +355,7 @@ class ASIF(keras.Model):
         with self._write_lock:
             anchors = self.snapshot().anchors
             if anchors is None:
-                anchors = Anchors(AnalogyCollection(name="asif"), self._fingerprints(), self._anchor_dtype, self._mesh)
+                anchors = self._new_anchors(AnalogyCollection(name="asif"))
             anchors.collection.add(
                 ids,
                 captions=captions,
@@ -372,12 +424,19 @@ class ASIF(keras.Model):
     # === Tasks ===
 
     def class_representations(self, labels, templates=None):
-        """Relative representations of each label (template embeddings averaged, then represented).
+        """Relative representations of the labels' captions: one row per label with "average" pooling,
+        one per caption (label c's T captions in rows c * T to (c + 1) * T - 1) with "max" or "mean".
 
         Kept on the published state: repeated `classify` calls with the same labels embed nothing, and any
-        change of the collection, k or p represents them again.
+        change of the collection, k, p or pooling represents them again.
         """
         return self._require_state().class_representations(labels, templates)
+
+    def class_scores(self, images=None, labels=None, templates=None, embeddings=None, pooling=None):
+        """(Q, C) float32 scores of images (or their representations) for each label, pooled over captions
+        by `label_pooling` (or `pooling`)."""
+        state = self._require_state()
+        return state.class_scores(self._image_representations(state, images, embeddings), labels, templates, pooling=pooling)
 
     def classify(self, images=None, labels=None, templates=None, embeddings=None):
         """Zero-shot classification: the label whose captions are most similar to each image.
@@ -485,6 +544,31 @@ class ASIF(keras.Model):
         keep = np.sort(np.argsort(-importance, kind="stable")[: int(m)])
         return state.collection.copy(rows=keep, name=f"{state.name}-pruned-{int(m)}")
 
+    def tune(self, ks=None, ps=None, centers=(True, False), held_out=0.2, max_queries=1000, seed=0):
+        """Picks k, p and centring from the collection alone, and publishes them.
+
+        Part of the collection's pairs (`held_out`, at most `max_queries`) are held out and retrieved
+        both ways (image -> its caption, caption -> its image) with the rest as anchors; the setting with
+        the best mean R@1 is chosen (deterministic for a collection and `seed`). Best suited to
+        collections of distinct captions: where captions repeat (a class name in a few templates), a
+        pair's own caption is one of many equal ones and the score says little.
+
+        Returns:
+            `asif.tuning`: {"tried": [...], "chosen": {...}, "pairs", "queries"}.
+        """
+        report = tune_settings(self, ks or TUNED_KS, ps or TUNED_PS, centers, held_out, max_queries, seed)
+        chosen = report["chosen"]
+        with self._write_lock:
+            self.center = chosen["center"]
+            self._publish(k=_checked_k(chosen["k"]), p=_checked_p(chosen["p"]))
+        self._tuning = report
+        return report
+
+    @property
+    def tuning(self):
+        """What the last `tune()` tried and chose (None before any)."""
+        return getattr(self, "_tuning", None)
+
     # === Saving ===
 
     def get_config(self):
@@ -494,6 +578,8 @@ class ASIF(keras.Model):
             text_encoder=keras.layers.serialize(self.text_encoder),
             k=self.k,
             p=self.p,
+            label_pooling=self.label_pooling,
+            center=self.center,
             anchor_dtype=self.anchor_dtype,
             unknown_threshold=self.unknown_threshold,
             keep_collections=self.keep_collections,
@@ -513,6 +599,11 @@ class ASIF(keras.Model):
         state = self.snapshot()
         if state.collection is not None:
             save_collection(state.collection.copy(fingerprints=state.anchors.fingerprints), dir_path)
+            if state.pairs and state.anchors.centered:
+                # The centres the indexes were built on, so the reloaded model answers as this one.
+                centers = {kind: state.anchors.center(kind).tolist() for kind in ("image", "text")}
+                with open(os.path.join(dir_path, _CENTERS), "w") as f:
+                    json.dump(centers, f)
 
     def load_assets(self, dir_path):
         """Restores the collection written by `save_assets`, into memory (the asset files are temporary)."""
@@ -521,8 +612,12 @@ class ASIF(keras.Model):
             # The saved embeddings are this model's own (see save_assets). The encoders' weights may not be
             # loaded yet, so their fingerprints are read from what was saved, not computed now.
             fingerprints = {kind: found[0] for kind, found in collection.fingerprints.items() if found}
+            centers = None
+            if os.path.exists(os.path.join(dir_path, _CENTERS)):
+                with open(os.path.join(dir_path, _CENTERS)) as f:
+                    centers = {kind: np.asarray(c, np.float32) for kind, c in json.load(f).items()}
             with self._write_lock:
-                self._publish(anchors=Anchors(collection, fingerprints, self._anchor_dtype, self._mesh))
+                self._publish(anchors=self._new_anchors(collection, fingerprints, centers))
 
 
 class _Kept:

@@ -24,9 +24,17 @@ import numpy as np
 
 from keras_clip_it.search import AnchorIndex
 from keras_clip_it.search import follow
-from keras_clip_it.templates import ensemble
+from keras_clip_it.templates import average
+from keras_clip_it.templates import prompt_embeddings
 
 UNKNOWN = "unknown"
+# How a label scores from its template captions: "average" represents the mean of the captions'
+# embeddings (CLIP's prompt ensembling); "max" and "mean" represent every caption and pool its scores
+# (the ASIF authors' way: a label scores by its best caption).
+POOLINGS = ("average", "max", "mean")
+# A centred side keeps its centre until the collection's mean has moved by this fraction of the anchors'
+# spread around it; then the side is centred again (its index rebuilt, see `Anchors.followed`).
+_RECENTER = 0.05
 # Bounds the temporary arrays of the sparse product (entries matched at once).
 _JOIN_CHUNK = 4_000_000
 # Labels x anchors up to which a label set's representation is also kept dense (1 MiB): a query's scores
@@ -95,6 +103,15 @@ class StaleStateError(RuntimeError):
 class Anchors:
     """The anchor indexes of one collection at one version: each side built on first use, then kept.
 
+    Centring (`centered=True`): each side's anchors, and every query and label of that side, have the
+    side's centre (the anchors' mean when the side was first indexed) subtracted and are normalised again.
+    Encoders such as multilingual-e5 put all texts in a narrow cone (unrelated captions at cosine ~0.85),
+    where top-k similarities are nearly flat; centring spreads them. The index searches the centred
+    anchors, so the search stays exact for what is scored. The centre is fixed per side: changes append
+    centred rows (O(pairs changed)), and only when the collection's running mean
+    (`AnalogyCollection.embedding_mean`) has moved by `_RECENTER` of the spread is the side centred again
+    and its index rebuilt, which happens after a fixed fraction of the collection has changed.
+
     Args:
         collection: the `AnalogyCollection`.
         fingerprints: {"image": fingerprint, "text": fingerprint} of the model's encoders (read once:
@@ -102,16 +119,22 @@ class Anchors:
         dtype: how anchors are stored ("float32", "float16", "int8").
         mesh: None or a one-axis `jax.sharding.Mesh` the anchors are spread over.
         indexes: {kind: index} already brought to the collection's current version.
+        centered: bool, centre each side (see above).
+        centers: {kind: float32 (D,)} centres already fixed (from the previous version, or saved).
     """
 
-    def __init__(self, collection, fingerprints, dtype="float32", mesh=None, indexes=None):
+    def __init__(
+        self, collection, fingerprints, dtype="float32", mesh=None, indexes=None, centered=False, centers=None
+    ):
         self.collection = collection
         self.version = collection.version
         self.size = len(collection)
         self.fingerprints = dict(fingerprints)
         self.dtype = dtype
         self.mesh = mesh
+        self.centered = bool(centered)
         self._indexes = dict(indexes or {})
+        self._centers = dict(centers or {}) if self.centered else {}
         self._lock = threading.Lock()
 
     @property
@@ -137,9 +160,35 @@ class Anchors:
                             f"{self.collection.version}) before its {kind} index was built: take asif.snapshot() "
                             "again and query that"
                         )
-                    anchors = self.collection.embeddings(kind, self.fingerprints[kind])
-                    index = self._indexes[kind] = AnchorIndex(anchors, dtype=self.dtype, mesh=self.mesh)
+                    index = AnchorIndex(self._searched_rows(kind), dtype=self.dtype, mesh=self.mesh)
+                    self._indexes[kind] = index
         return index
+
+    def center(self, kind):
+        """The float32 (D,) centre of `kind`'s side, or None when not centred (fixed by its index)."""
+        if not self.centered:
+            return None
+        self.index(kind)
+        return self._centers[kind]
+
+    @property
+    def centers(self):
+        """{kind: centre} of the sides centred so far (what a saved model keeps)."""
+        return dict(self._centers)
+
+    def searched_rows(self, kind):
+        """The (N, D) rows `kind`'s index searches, in collection order (centred when `centered`)."""
+        with self.collection.lock:
+            self.index(kind)
+            return self._searched_rows(kind)
+
+    def _searched_rows(self, kind):
+        rows = self.collection.embeddings(kind, self.fingerprints[kind])
+        if not self.centered:
+            return rows
+        if kind not in self._centers:
+            self._centers[kind] = self.collection.embedding_mean(kind, self.fingerprints[kind])
+        return center_rows(rows, self._centers[kind])
 
     def followed(self, k):
         """The anchors of the collection as it is now; O(pairs changed).
@@ -152,15 +201,24 @@ class Anchors:
         with collection.lock:
             if self.current:
                 return self
-            indexes = {}
+            indexes, centers = {}, {}
             if len(collection):
+                for kind, center in self._centers.items():
+                    if not _moved(center, collection.embedding_mean(kind, self.fingerprints[kind])):
+                        centers[kind] = center
                 for kind, old in self.built.items():
-                    index = follow(old, collection, kind, self.fingerprints[kind], self.version)
+                    if self.centered and kind not in centers:
+                        continue  # centred again: rebuilt on first use
+                    center = centers.get(kind)
+                    transform = None if center is None else (lambda rows, center=center: center_rows(rows, center))
+                    index = follow(old, collection, kind, self.fingerprints[kind], self.version, transform)
                     if index is not None:
                         if getattr(index, "block", None) != getattr(old, "block", None):
                             _compile(index, k)
                         indexes[kind] = index
-            return Anchors(collection, self.fingerprints, self.dtype, self.mesh, indexes)
+                    elif center is not None:
+                        del centers[kind]
+            return Anchors(collection, self.fingerprints, self.dtype, self.mesh, indexes, self.centered, centers)
 
     def warm(self, k):
         """Builds both sides and compiles their scans for `k` anchors (what `prepare` and a server do)."""
@@ -174,7 +232,10 @@ class Anchors:
 
 
 class LabelEmbeddings:
-    """Unit (C, D) label embeddings (templates ensembled), kept for the last `size` label sets.
+    """Unit (C, T, D) embeddings of each label under each of T templates, kept for the last `size` label sets.
+
+    With `averaged=True` only the templates' average is kept, (C, 1, D): what "average" pooling and a
+    dual encoder need, T times less memory than every caption.
 
     Keyed by the labels, the templates and the text encoder's fingerprint: what a label embedding depends
     on. Requests that bring the same new label set at once wait for one embedding instead of each
@@ -192,8 +253,8 @@ class LabelEmbeddings:
         self._sets = _collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, labels, templates, fingerprint, embed=None):
-        key = (tuple(labels), templates_key(templates), fingerprint)
+    def get(self, labels, templates, fingerprint, embed=None, averaged=True):
+        key = (tuple(labels), templates_key(templates), fingerprint, bool(averaged))
         with self._lock:
             cached = self._sets.get(key)
             if cached is not None:
@@ -205,7 +266,9 @@ class LabelEmbeddings:
         if cached is not None:
             return cached.result() if isinstance(cached, Future) else cached
         try:
-            embeddings = ensemble(embed or self._embed, labels, templates)
+            embeddings = prompt_embeddings(embed or self._embed, labels, templates)
+            if averaged:
+                embeddings = average(embeddings)[:, None, :]
         except BaseException as error:
             with self._lock:
                 if self._sets.get(key) is pending:
@@ -230,6 +293,7 @@ class ASIFState:
         p: float, exponent of the kept similarities.
         unknown_threshold: float, the best score at or below which a classification is "unknown".
         labels: the model's `LabelEmbeddings`.
+        label_pooling: how a label scores from its template captions (one of `POOLINGS`).
     """
 
     version: int
@@ -238,6 +302,7 @@ class ASIFState:
     p: float
     unknown_threshold: float
     labels: LabelEmbeddings
+    label_pooling: str = "max"
     _classes: dict = dataclasses.field(default_factory=dict, repr=False)
 
     # === What the state is over ===
@@ -285,9 +350,9 @@ class ASIFState:
     def relative(self, embeddings, kind):
         """Relative representations of `embeddings` (n, D) against the `kind` anchors."""
         anchors = self._anchors()
-        return relative_representation(
-            anchors.index(kind), embeddings, self.k, self.p, anchors.version, anchors.collection.uid
-        )
+        index = anchors.index(kind)
+        embeddings = center_rows(normalize(embeddings), anchors.center(kind))
+        return relative_representation(index, embeddings, self.k, self.p, anchors.version, anchors.collection.uid)
 
     def check(self, representation):
         """Raises ValueError unless `representation` was computed on this state's collection version."""
@@ -318,36 +383,48 @@ class ASIFState:
 
     # === Labels ===
 
-    def class_representations(self, labels, templates=None, embed=None):
-        """Relative representations of each label (template embeddings averaged, then represented).
+    def class_representations(self, labels, templates=None, embed=None, pooling=None):
+        """Relative representations of the labels' template captions.
 
+        With "average" pooling, one row per label (its captions' embeddings averaged, then represented);
+        with "max" or "mean", one row per caption: label c's T captions are rows c * T to (c + 1) * T - 1.
         Kept on this state: repeated calls with the same labels and templates embed and search nothing.
-        `embed` optionally replaces the text encoder's `embed` for labels not embedded yet.
+        `embed` optionally replaces the text encoder's `embed` for labels not embedded yet; `pooling`
+        replaces the state's `label_pooling`.
         """
-        return self._class_side(as_labels(labels), templates, embed)[0]
+        return self._class_side(as_labels(labels), templates, embed, self._pooling(pooling))[0]
 
-    def _class_side(self, labels, templates, embed):
-        """(representation, dense (C, N) copy or None) of a label set, computed once per state."""
-        key = (tuple(labels), templates_key(templates))
+    def _pooling(self, pooling):
+        pooling = self.label_pooling if pooling is None else pooling
+        return checked_pooling(pooling)
+
+    def _class_side(self, labels, templates, embed, pooling):
+        """(representation, dense copy or None, captions per row group) of a label set, once per state."""
+        key = (tuple(labels), templates_key(templates), pooling)
         cached = self._classes.get(key)
         if cached is None:
             anchors = self._anchors()
-            embeddings = self.labels.get(labels, templates, anchors.fingerprints["text"], embed)
+            prompts = self.labels.get(labels, templates, anchors.fingerprints["text"], embed, pooling == "average")
+            group = prompts.shape[1]
+            embeddings = prompts.reshape(-1, prompts.shape[-1])
             representation = self.relative(embeddings, "text")
             dense = None
             if len(representation) * representation.num_anchors <= _DENSE_LABELS:
                 dense = representation.to_dense()
-            cached = self._classes[key] = (representation, dense)
+            cached = self._classes[key] = (representation, dense, group)
         return cached
 
-    def class_scores(self, image_representations, labels, templates=None, embed=None):
+    def class_scores(self, image_representations, labels, templates=None, embed=None, pooling=None):
         """(Q, C) float32 similarity of each image representation to each label, in [0, 1]."""
         self.check(image_representations)
-        representation, dense = self._class_side(as_labels(labels), templates, embed)
+        pooling = self._pooling(pooling)
+        representation, dense, group = self._class_side(as_labels(labels), templates, embed, pooling)
         if dense is None:
-            return sparse_inner(image_representations, representation)
-        rows = image_representations
-        return np.einsum("cqk,qk->qc", dense[:, rows.indices], rows.values).astype(np.float32)
+            scores = sparse_inner(image_representations, representation)
+        else:
+            rows = image_representations
+            scores = np.einsum("cqk,qk->qc", dense[:, rows.indices], rows.values).astype(np.float32)
+        return pool_scores(scores, group, pooling)
 
     def decide(self, scores, labels):
         """The `Classification` of `scores` (Q, C): the best label, or "unknown" at or below the threshold."""
@@ -358,9 +435,9 @@ class ASIFState:
         names = [labels[i] if i >= 0 else UNKNOWN for i in indices]
         return Classification(names, scores, indices.astype(np.int64))
 
-    def classify(self, image_representations, labels, templates=None, embed=None):
+    def classify(self, image_representations, labels, templates=None, embed=None, pooling=None):
         """The `Classification` of image representations among `labels`."""
-        return self.decide(self.class_scores(image_representations, labels, templates, embed), labels)
+        return self.decide(self.class_scores(image_representations, labels, templates, embed, pooling), labels)
 
     def explain(self, image_representation, label, templates=None, top=10):
         """The anchor pairs behind the score of one image representation for `label`, heaviest first.
@@ -370,12 +447,10 @@ class ASIFState:
         """
         self.check(image_representation)
         collection = self._anchors().collection
-        class_rep = self.class_representations([label], templates)
-        shared, image_at, class_at = np.intersect1d(
-            image_representation.indices[0], class_rep.indices[0], return_indices=True
-        )
+        anchors, weights = self._label_weights(image_representation, label, templates)
+        shared, image_at, class_at = np.intersect1d(image_representation.indices[0], anchors, return_indices=True)
         image_weight = image_representation.values[0, image_at]
-        text_weight = class_rep.values[0, class_at]
+        text_weight = weights[class_at]
         weight = image_weight * text_weight
         order = np.argsort(-weight, kind="stable")[: None if top is None else int(top)]
         with collection.lock:
@@ -396,6 +471,20 @@ class ASIFState:
             for i in order
             if weight[i] > 0
         ]
+
+
+    def _label_weights(self, image_representation, label, templates):
+        """(anchors, weights) of `label`'s side of its score for one image, whose inner product with the
+        image's representation is that score: the label's row ("average"), its best caption's row
+        ("max"), or its captions' rows averaged ("mean")."""
+        pooling = self._pooling(None)
+        rep = self.class_representations([label], templates)
+        if pooling == "max":
+            best = int(np.argmax(sparse_inner(image_representation, rep)[0]))
+            return rep.indices[best], rep.values[best]
+        anchors, where = np.unique(rep.indices.ravel(), return_inverse=True)
+        weights = np.bincount(where.ravel(), weights=rep.values.ravel(), minlength=len(anchors)) / len(rep)
+        return anchors, weights.astype(np.float32)
 
 
 def relative_representation(index, embeddings, k, p, version, collection=None):
@@ -460,6 +549,33 @@ def sparse_inner(left, right):
         out += np.bincount(target, weights=left_values[entry] * right_values[position], minlength=out.size)
         begin = stop
     return out.reshape(len(left), len(right)).astype(np.float32)
+
+
+def pool_scores(scores, group, pooling):
+    """(Q, C) label scores from (Q, C * group) caption scores: their max or mean over each label's group."""
+    if group == 1:
+        return scores
+    scores = scores.reshape(len(scores), -1, group)
+    return (scores.max(axis=2) if pooling == "max" else scores.mean(axis=2)).astype(np.float32)
+
+
+def checked_pooling(pooling):
+    if pooling not in POOLINGS:
+        raise ValueError(f"label_pooling must be one of {POOLINGS}, got {pooling!r}")
+    return pooling
+
+
+def center_rows(rows, center):
+    """float32 unit rows of `rows - center` (`rows` itself when `center` is None)."""
+    if center is None:
+        return rows
+    return normalize(np.asarray(rows, np.float32) - center)
+
+
+def _moved(center, mean):
+    """Whether a side's running mean has moved away from its centre by more than `_RECENTER` of the spread."""
+    spread = np.sqrt(max(1.0 - float(center @ center), 1e-6))
+    return float(np.linalg.norm(mean - center)) > _RECENTER * spread
 
 
 def unknown_report(scores, truth, threshold):

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_clip_it.data.images import as_image_batch
 from keras_clip_it.data.pairs import with_fit_options
 from keras_clip_it.encoders.base import padded_batch_size
 from keras_clip_it.losses import ContrastiveLoss
@@ -401,7 +402,7 @@ class DualEncoder(keras.Model):
 
     def encode_images(self, images, batch_size=32):
         """L2-normalised float32 embeddings (N, projection_dim) of images of any kind the tower accepts."""
-        items = images if isinstance(images, np.ndarray) and images.ndim == 4 else _as_list(images)
+        items = as_image_batch(images)
         return self._encode(
             len(items), lambda start, stop: self.image_encoder.preprocess(items[start:stop]), "images", batch_size
         )
@@ -485,10 +486,6 @@ class DualEncoder(keras.Model):
 def _exclude_from_decay(optimizer):
     if getattr(optimizer, "weight_decay", None) and hasattr(optimizer, "exclude_from_weight_decay"):
         optimizer.exclude_from_weight_decay(var_names=NO_WEIGHT_DECAY)
-
-
-def _as_list(inputs):
-    return list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
 
 
 def _pad_rows(batch, size):

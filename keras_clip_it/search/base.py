@@ -119,7 +119,7 @@ def checked_query(queries, k, dim, size):
     return queries, k
 
 
-def follow(index, collection, kind, fingerprint, version):
+def follow(index, collection, kind, fingerprint, version, transform=None):
     """`index`, built over `collection` at `version`, brought to the collection's current version.
 
     Replays the changes the collection recorded since then (`AnalogyCollection.changes_since`) as
@@ -131,6 +131,8 @@ def follow(index, collection, kind, fingerprint, version):
         kind: "image" or "text".
         fingerprint: the encoder fingerprint of the indexed embeddings.
         version: the collection version `index` reflects.
+        transform: None, or the function (n, D) rows -> (n, D) rows that `index` was built on (such as
+            ASIF's centering): applied to the appended rows.
 
     Returns:
         The updated index (`index` itself when nothing changed), or None when the changes are no longer
@@ -161,7 +163,7 @@ def follow(index, collection, kind, fingerprint, version):
                 # Pairs removed again by a later change need no embedding: that change removes their rows.
                 anchors = np.zeros((len(rows), index.dim), np.float32)
                 anchors[present] = embeddings[rows[present]]
-            index = index.append(anchors)
+            index = index.append(anchors if transform is None else transform(anchors))
         else:
             index = index.remove(rows)
     return index

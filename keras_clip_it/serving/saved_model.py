@@ -365,7 +365,7 @@ def _tf_objects(layer):
 def _classify_endpoint(model, root, embed_images, spec, post, labels, templates):
     names = tf.constant(labels + [UNKNOWN])
     if post is not None:
-        score = post.class_scores(post.state.class_representations(labels, templates))
+        score = post.class_scores(post.state.class_representations(labels, templates), len(labels))
         threshold = float(post.state.unknown_threshold)
     else:
         root.label_embeddings = tf.Variable(
@@ -404,17 +404,21 @@ class _Relative:
         self.k = {}
         self.p = float(state.p)
         self.anchors = {}
-        collection = state.collection
+        self.centers = {}
+        self.pooling = state.label_pooling
         for kind in ("image", "text"):
-            # A fresh index stores the anchors exactly as the model scores them (float32, or float16 / int8
-            # with per-row scales), in collection row order.
-            anchors = collection.embeddings(kind, state.anchors.fingerprints[kind])
-            index = AnchorIndex(anchors, dtype=state.anchors.dtype)
+            # A fresh index stores the anchors exactly as the model scores them (centred when the model
+            # centres; float32, or float16 / int8 with per-row scales), in collection row order.
+            index = AnchorIndex(state.anchors.searched_rows(kind), dtype=state.anchors.dtype)
+            center = state.anchors.center(kind)
+            if center is not None:
+                self.centers[kind] = tf.Variable(center, trainable=False, name=f"{kind}_center")
             stored = tf.Variable(index.stored, trainable=False, name=f"{kind}_anchors")
             scales = None if index.scales is None else tf.Variable(index.scales, trainable=False, name=f"{kind}_scales")
             self.anchors[kind] = (stored, scales)
             self.k[kind] = min(state.k, index.size)
         root.anchors = [variable for pair in self.anchors.values() for variable in pair if variable is not None]
+        root.centers = list(self.centers.values())
         self.root = root
         self.state = state
         self.metadata = {
@@ -425,11 +429,16 @@ class _Relative:
             "collection": state.name,
             "collection_version": int(state.collection_version),
             "unknown_threshold": float(state.unknown_threshold),
+            "label_pooling": state.label_pooling,
+            "centered": bool(self.centers),
         }
 
     def represent(self, embeddings, kind):
         """{"anchor_indices", "anchor_weights"}: the k most similar anchors, weights max(s, 0)^p normalised."""
         stored, scales = self.anchors[kind]
+        if kind in self.centers:  # as the model does: centred on the side's anchor mean, normalised again
+            embeddings = embeddings - self.centers[kind][None, :]
+            embeddings = embeddings / tf.maximum(tf.norm(embeddings, axis=1, keepdims=True), 1e-12)
         similarities = tf.matmul(embeddings, tf.cast(stored, tf.float32), transpose_b=True)
         if scales is not None:
             similarities = similarities * scales[None, :]
@@ -439,12 +448,15 @@ class _Relative:
         weights = tf.where(norms > 0, weights / tf.maximum(norms, 1e-30), 0.0)
         return {"anchor_indices": tf.cast(indices, tf.int64), "anchor_weights": weights}
 
-    def class_scores(self, representation):
+    def class_scores(self, representation, labels):
         """A function (indices, weights) -> (Q, C) scores against fixed class representations, exactly sparse.
 
-        The class entries are stored sorted by anchor (an inverted index): each query entry finds the class
-        entries on its anchor by binary search and the products are summed per (query, class), as
-        `keras_clip_it.models.asif_state.sparse_inner` does; work grows with the matches, never with the collection size.
+        `representation` has one row per label or one per caption (pooled by max or mean over each
+        label's captions, as the model's `label_pooling` says). The class entries are stored sorted by
+        anchor (an inverted index): each query entry finds the class entries on its anchor by binary
+        search and the products are summed per (query, class), as
+        `keras_clip_it.models.asif_state.sparse_inner` does; work grows with the matches, never with the
+        collection size.
         """
         classes, k = representation.indices.shape
         anchors = representation.indices.ravel()
@@ -457,6 +469,7 @@ class _Relative:
             representation.values.ravel()[order].astype(np.float32), trainable=False, name="class_weights"
         )
         root = self.root
+        group, pooling = classes // labels, self.pooling
 
         def scores(indices, weights):
             queries, kept = tf.shape(indices, out_type=tf.int64)[0], tf.shape(indices, out_type=tf.int64)[1]
@@ -472,6 +485,9 @@ class _Relative:
             target = tf.gather(query_rows, entry) * classes + tf.gather(root.class_rows, position)
             products = tf.gather(query_weights, entry) * tf.gather(root.class_weights, position)
             total = tf.math.unsorted_segment_sum(products, target, queries * classes)
-            return tf.reshape(total, [queries, classes])
+            if group == 1:
+                return tf.reshape(total, [queries, classes])
+            per_caption = tf.reshape(total, [queries, labels, group])
+            return tf.reduce_max(per_caption, axis=2) if pooling == "max" else tf.reduce_mean(per_caption, axis=2)
 
         return scores

@@ -39,6 +39,7 @@ from keras_clip_it.serving.batcher import Batcher
 from keras_clip_it.serving.batcher import holding
 from keras_clip_it.serving.errors import ApiError
 from keras_clip_it.serving.schemas import Limits
+from keras_clip_it.templates import average
 from keras_clip_it.templates import fill
 
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,")
@@ -166,7 +167,8 @@ class Service:
             answer = snapshot.classify(snapshot.relative(queries, "image"), labels, templates, self._embed_texts)
             scores, indices = answer.scores, answer.indices
         else:
-            label_embeddings = self._label_embeddings.get(labels, templates, None, self._embed_texts)
+            # A dual encoder averages its captions' embeddings (CLIP's prompt ensembling).
+            label_embeddings = average(self._label_embeddings.get(labels, templates, None, self._embed_texts))
             scores = queries @ label_embeddings.T
             indices = scores.argmax(axis=1)
         predictions = [

@@ -530,7 +530,7 @@ def run_evaluate(args):
             values.update(metrics.retrieval_metrics(pair_scores, np.arange(len(data["captions"])), ks))
         if data["labels"] is not None:
             classifier = kci.ZeroShotClassifier(model, data["labels"], templates=templates)
-            scores = similarity(model, image_representations, classifier.class_representations)
+            scores = classifier.scores_of(image_representations)
             best = np.argsort(-scores, axis=1, kind="stable")[:, :5]
             values["zero_shot_top1"] = float(np.mean(best[:, 0] == data["truth"]))
             if len(data["labels"]) > 5:

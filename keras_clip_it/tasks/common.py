@@ -7,6 +7,8 @@ when it has one and the inner product of dense rows otherwise.
 
 import numpy as np
 
+from keras_clip_it.data.images import as_image_batch
+
 
 def similarity(model, image_representations, text_representations):
     """(images x texts) float32 scores of two batches of representations."""
@@ -44,8 +46,6 @@ def as_list(items):
     """A batch as a list (a single string or a single image array becomes a batch of one)."""
     if isinstance(items, str):
         return [items]
-    if isinstance(items, np.ndarray) and items.ndim == 3 and items.dtype.kind != "U":
-        return [items]
-    if isinstance(items, np.ndarray) and items.ndim == 4:
-        return items
+    if isinstance(items, np.ndarray) and items.dtype.kind != "U":
+        return as_image_batch(items)  # one image, a batch, or a batch of grey images
     return list(items)

@@ -16,15 +16,16 @@ class ZeroShotClassifier:
     Each label becomes captions through the templates ("una foto di {}.") and the templates are
     ensembled: "mean" averages the captions' normalised text embeddings and re-normalises (CLIP's
     prompt ensembling; for ASIF the averaged embedding is then represented against the collection),
-    "max" scores every caption and keeps each label's best. Class representations are computed once,
-    in batches, when the classifier is built.
+    "max" scores every caption and keeps each label's best. By default (None) a DualEncoder averages
+    and an ASIF pools as its `label_pooling` says (and its server and export do). Class
+    representations are computed once, in batches, when the classifier is built.
 
     Args:
         model: a `DualEncoder` or an `ASIF`.
         labels: class names, as they would be said ("un gatto", "cane").
         templates: "en", "en-short", "it", "it-short", a template string with "{}", a callable, a
             list of those, or None (labels used as they are).
-        aggregate: "mean" or "max" over templates.
+        aggregate: None (the model's own way), "mean" or "max" over templates.
 
     Example:
     >>> clf = kci.ZeroShotClassifier(asif, ["gatto", "cane"], templates="it")  # doctest: +SKIP
@@ -32,8 +33,8 @@ class ZeroShotClassifier:
     [('gatto', 0.42)]
     """
 
-    def __init__(self, model, labels, templates="en", aggregate="mean"):
-        if aggregate not in AGGREGATES:
+    def __init__(self, model, labels, templates="en", aggregate=None):
+        if aggregate is not None and aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         labels = [labels] if isinstance(labels, str) else list(labels)
         if not labels:
@@ -46,23 +47,30 @@ class ZeroShotClassifier:
         self.templates = templates
         self.aggregate = aggregate
         self._template_count = len(get_templates(templates))
-        self._version = getattr(getattr(model, "collection", None), "version", None)
         self.class_representations = self._class_representations()
 
+    @property
+    def _pooling(self):
+        """ASIF's label pooling for this classifier's aggregate (None: the model's own)."""
+        return {None: None, "mean": "average", "max": "max"}[self.aggregate]
+
     def _class_representations(self):
-        if self.aggregate == "mean":
-            if hasattr(self.model, "class_representations"):  # ASIF represents the ensembled embeddings
-                return self.model.class_representations(self.labels, self.templates)
+        if hasattr(self.model, "class_scores"):  # ASIF: pooled on its state, as its server and export do
+            return self.model.snapshot().class_representations(self.labels, self.templates, pooling=self._pooling)
+        if self.aggregate in (None, "mean"):
             return ensemble(self.model.encode_texts, self.labels, self.templates)
         return self.model.encode_texts([caption for label in self.labels for caption in fill(self.templates, label)])
 
     def scores(self, images):
         """(images, labels) float32 scores; higher means more likely."""
-        version = getattr(getattr(self.model, "collection", None), "version", None)
-        if version != self._version:  # ASIF's collection changed: its class side must be represented again
-            self._version = version
-            self.class_representations = self._class_representations()
-        scores = similarity(self.model, self.model.encode_images(images), self.class_representations)
+        return self.scores_of(self.model.encode_images(images))
+
+    def scores_of(self, image_representations):
+        """(images, labels) float32 scores of image representations (`model.encode_images`)."""
+        if hasattr(self.model, "class_scores"):
+            self.class_representations = self._class_representations()  # kept on the model's state
+            return self.model.class_scores(image_representations, self.labels, self.templates, pooling=self._pooling)
+        scores = similarity(self.model, image_representations, self.class_representations)
         if self.aggregate == "max":
             scores = scores.reshape(len(scores), len(self.labels), self._template_count).max(axis=2)
         return scores

@@ -118,7 +118,7 @@ def make_asif(n=400, k=40, p=4.0, dim=48, **kwargs):
 def test_representation_equals_dense_numpy():
     rng = np.random.default_rng(1)
     anchors_img, anchors_txt = unit(rng.standard_normal((700, 24))), unit(rng.standard_normal((700, 16)))
-    asif = ASIF(VectorEncoder(24), WordEncoder(16), k=37, p=3.0)
+    asif = ASIF(VectorEncoder(24), WordEncoder(16), k=37, p=3.0, center=False)  # the paper's definition
     asif.add([str(i) for i in range(700)], image_embeddings=anchors_img, text_embeddings=anchors_txt)
     queries = rng.standard_normal((9, 24))
     rep = asif.encode_images(queries)
@@ -145,7 +145,8 @@ def test_sparse_inner_equals_dense_product():
 
 
 def test_add_then_remove_equals_rebuilding_from_scratch():
-    asif, (ids, images, captions, _, centres) = make_asif(300)
+    # Uncentred: a centred model keeps its centre through small changes (test_asif_centering.py).
+    asif, (ids, images, captions, _, centres) = make_asif(300, center=False)
     extra_ids, extra_images, extra_captions, _, _ = synthetic_pairs(120, seed=5, start=1000)
     queries = unit(centres[[0, 2, 4]] + 0.1)
     texts = ["a cat", "a big tree"]
@@ -163,7 +164,7 @@ def test_add_then_remove_equals_rebuilding_from_scratch():
     asif.add(ids[:50], images=images[:50], captions=captions[:50])
     np.testing.assert_allclose(scores(asif), before, atol=1e-6)
     # And the edited model equals one built from scratch on the same final pairs.
-    fresh, _ = make_asif(300)
+    fresh, _ = make_asif(300, center=False)
     fresh.add(extra_ids, images=extra_images, captions=extra_captions)
     asif.add(extra_ids, images=extra_images, captions=extra_captions)
     np.testing.assert_allclose(scores(asif), scores(fresh), atol=1e-6)
@@ -181,7 +182,8 @@ def test_stale_representations_are_refused():
 
 
 def test_classify_with_templates_and_unknown():
-    asif, (_, _, _, _, centres) = make_asif(500)
+    # Uncentred: a query orthogonal to every anchor then shares none with any label (centring moves it).
+    asif, (_, _, _, _, centres) = make_asif(500, center=False)
     rng = np.random.default_rng(3)
     truth = np.arange(len(CLASSES)).repeat(4)
     queries = unit(centres[truth] + 0.3 * rng.standard_normal((len(truth), 48)) / np.sqrt(48) * np.r_[np.ones(40), np.zeros(8)])

@@ -131,6 +131,24 @@ def test_asif_endpoints_equal_the_exact_sparse_model(asif):
     assert metadata["unknown_threshold"] == model.unknown_threshold
 
 
+@pytest.mark.parametrize("pooling", ["max", "mean"])
+def test_asif_export_follows_the_models_centring_and_label_pooling(pooling, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = kci.ASIF(tiny_image_encoder(), tiny_text_encoder(), k=12, p=3.0, label_pooling=pooling)
+    images, captions = tiny_pairs(48)
+    model.add([f"pair-{i}" for i in range(48)], images=images, captions=captions)
+    path = str(tmp_path / "1")
+    kci.serving.export(model, path, labels=LABELS, templates="en-short")
+    queries, _ = tiny_pairs(8, seed=1)
+    classified = saved_model_runner(path)("classify", queries)
+    expected = model.classify(queries, labels=LABELS, templates="en-short").scores
+    np.testing.assert_allclose(classified["scores"], expected, atol=ATOL)
+    averaged = model.class_scores(queries, LABELS, "en-short", pooling="average")
+    assert not np.allclose(expected, averaged, atol=1e-3)  # the pooling changed the scores
+    metadata = json.load(open(os.path.join(path, "keras_clip_it.json")))
+    assert (metadata["label_pooling"], metadata["centered"]) == (pooling, True)
+
+
 TFSM_SCRIPT = textwrap.dedent("""
     import json, os, sys
     os.environ["KERAS_BACKEND"] = "tensorflow"

@@ -159,6 +159,6 @@ def test_label_scores_are_the_same_dense_and_sparse(encoders, monkeypatch):
         asif = kci.ASIF(image_encoder, text_encoder, k=6, p=3.0, collection=collection)
         service = kci.serving.create_app(asif).state.service
         answers.append([p["scores"] for p in service.classify(LABELS, None, image_embeddings=queries)["predictions"]])
-        assert (service.snapshot._classes[(tuple(LABELS), None)][1] is None) == (limit == 0)
+        assert (service.snapshot._classes[(tuple(LABELS), None, asif.label_pooling)][1] is None) == (limit == 0)
         service.stop()
     np.testing.assert_allclose(answers[0], answers[1], atol=1e-6)

@@ -15,6 +15,7 @@ from tests.serving.conftest import unit_rows
 
 
 def dense_relative(queries, anchors, k, p):
+    """The uncentred definition: these models are built with center=False, which this file is not about."""
     similarities = queries @ anchors.T
     top = np.argsort(-similarities, axis=1)[:, :k]
     weights = np.zeros_like(similarities)
@@ -32,7 +33,7 @@ def test_add_and_remove_follow_the_indexes_without_rebuilding_or_copying(encoder
     image_encoder, text_encoder = encoders
     given = random_collection("alpha", 300, image_encoder, text_encoder, seed=3)
     given_version = given.version
-    asif = kci.ASIF(image_encoder, text_encoder, k=16, p=3.0, collection=given)
+    asif = kci.ASIF(image_encoder, text_encoder, k=16, p=3.0, collection=given, center=False)
     service = kci.serving.create_app(asif).state.service
     image_fp, text_fp = image_encoder.fingerprint, text_encoder.fingerprint
     collection = service.collection
@@ -81,7 +82,7 @@ def test_activating_builds_indexes_and_removing_everything_leaves_no_anchors(enc
     image_encoder, text_encoder = encoders
     alpha = random_collection("alpha", 20, image_encoder, text_encoder, seed=4)
     beta = random_collection("beta", 12, image_encoder, text_encoder, seed=5)
-    asif = kci.ASIF(image_encoder, text_encoder, k=4, p=2.0, collection=alpha)
+    asif = kci.ASIF(image_encoder, text_encoder, k=4, p=2.0, collection=alpha, center=False)
     service = kci.serving.create_app(asif, collections=[beta]).state.service
     service.activate("beta")
     assert service.snapshot.info() == {"name": "beta", "version": 2, "pairs": 12}
@@ -108,3 +109,23 @@ def _spy(method, calls):
         return method(self, ids, *args, **kwargs)
 
     return spy
+
+
+def test_the_server_answers_with_the_models_centring_and_pooling(encoders):
+    image_encoder, text_encoder = encoders
+    collection = random_collection("alpha", 200, image_encoder, text_encoder, seed=5)
+    queries = unit_rows(np.random.default_rng(2), 4, image_encoder.embedding_dim)
+    labels, templates = ["cat", "dog", "car"], ["a {}", "the {}", "a photo of a {}"]
+    answers = {}
+    for center, pooling in ((True, "max"), (True, "average"), (False, "mean")):
+        asif = kci.ASIF(image_encoder, text_encoder, k=12, p=3.0, collection=collection, center=center,
+                        label_pooling=pooling)
+        service = kci.serving.create_app(asif).state.service
+        body = service.classify(labels, templates, image_embeddings=queries.tolist())
+        scores = np.array([p["scores"] for p in body["predictions"]])
+        expected = asif.classify(embeddings=queries, labels=labels, templates=templates).scores
+        np.testing.assert_allclose(scores, expected, atol=1e-5)
+        answers[center, pooling] = scores
+        service.stop()
+    assert not np.allclose(answers[True, "max"], answers[True, "average"], atol=1e-4)
+    assert not np.allclose(answers[True, "average"], answers[False, "mean"], atol=1e-4)

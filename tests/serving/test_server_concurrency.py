@@ -53,7 +53,7 @@ def test_classify_during_collection_changes_sees_one_version(encoders):
         "alpha": as_state(alpha, image_encoder, text_encoder),
         "beta": as_state(beta, image_encoder, text_encoder),
     }
-    asif = kci.ASIF(image_encoder, text_encoder, k=K, p=P, collection=alpha)
+    asif = kci.ASIF(image_encoder, text_encoder, k=K, p=P, collection=alpha, center=False)
     server = serve(kci.serving.create_app(asif, collections=[beta]))
     versions = {1: ("alpha", dict(states["alpha"]))}
     answers, failures = [], []
