@@ -82,7 +82,7 @@ def test_towers_roundtrip_and_mixed_precision(tmp_path):
     token_ids = np.arange(20, dtype="int32").reshape(2, 10)
     # A bare tower is a custom Keras layer like any other: the loading process imports its module.
     reloaded = assert_keras_roundtrip(tower, lambda m: m({"token_ids": token_ids}), tmp_path / "text",
-                                      imports=["keras_clip_it.encoders.clip"])
+                                      imports=["keras_clip_it.encoders.clip.clip_towers"])
     assert reloaded.encoder_layers[0].layer_norm_1.epsilon == 1e-3
     vision = CLIPVisionTower(8, WIDTH, image_shape=(16, 16, 3), dtype="mixed_bfloat16", **SIZES)
     output = vision(np.zeros((2, 16, 16, 3), "float32"))
