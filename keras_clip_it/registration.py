@@ -18,6 +18,7 @@ import importlib.abc
 import importlib.util
 import sys
 import threading
+import warnings
 
 # The modules of the classes a saved model starts from. The towers import their architecture's modules
 # (backbones, tokenizers, registered by each encoders/ folder) when they are rebuilt, so those load only
@@ -45,19 +46,36 @@ def _initializing(name):
 def _ready():
     if "keras" not in sys.modules:
         return False
-    busy = [name for name in sys.modules if name in _WATCHED or name.startswith("keras_clip_it.")]
+    busy = [name for name in list(sys.modules) if name in _WATCHED or name.startswith("keras_clip_it.")]
     return not any(_initializing(name) for name in busy)
 
 
-def register():
-    """Imports every module with saved classes, once; a no-op until Keras is imported and settled."""
+def register(strict=True):
+    """Imports every module with saved classes, once; a no-op until Keras is imported and settled.
+
+    Args:
+        strict: raise if a module fails to import. The import hook passes False: a user's `import keras`
+            must not fail because of this package, so it warns and leaves registering to the next try.
+    """
     global _registered
     with _lock:
         if _registered or not _ready():
             return
         _registered = True  # first, so the imports below do not re-enter
-        for name in SERIALIZABLE:
-            importlib.import_module(name)
+        try:
+            for name in SERIALIZABLE:
+                importlib.import_module(name)
+        except Exception as error:
+            _registered = False
+            if strict:
+                raise
+            warnings.warn(
+                f"keras-clip-it could not register its saved classes with Keras ({name}: {type(error).__name__}: "
+                f"{error}); loading its .keras files will fail until that import works",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
         _Watcher.uninstall()
 
 
@@ -77,7 +95,7 @@ class _Loader(importlib.abc.Loader):
             self._loader.exec_module(module)
         finally:
             module.__spec__._initializing = False
-        register()
+        register(strict=False)
 
     def __getattr__(self, name):
         return getattr(self._loader, name)

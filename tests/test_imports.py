@@ -92,3 +92,16 @@ def test_saved_classes_are_known_to_keras_whatever_the_import_order(code):
         f"print(' '.join(name for name in {names!r} if 'keras_clip_it>' + name not in known))"
     )
     assert run(script).split() == []
+
+
+def test_a_registration_that_fails_warns_and_never_breaks_import_keras():
+    script = (
+        "import warnings\nwarnings.simplefilter('always')\n"
+        "import keras_clip_it.registration as registration\n"
+        "registration.SERIALIZABLE += ('keras_clip_it.no_such_module',)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    import keras\n"
+        "print(keras.__name__, [str(w.message)[:60] for w in caught if w.category is RuntimeWarning])\n"
+    )
+    output = run(script)
+    assert output.startswith("keras") and "could not register its saved classes" in output
