@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.join(ROOT, "recipes"))
 
 import numpy as np  # noqa: E402
 
+import harness  # noqa: E402
 import keras_clip_it as kci  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -169,15 +170,10 @@ def main():
         for lang in args.lang:
             results["runs"] += fashion(train_embeddings, test_embeddings, lang, args.anchors, settings)
             write(results, args.output)
-    print(markdown(results))
 
 
 def write(results, name):
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
-        f.write(markdown(results))
+    harness.write_results(RESULTS, name, results, markdown(results))
 
 
 if __name__ == "__main__":
